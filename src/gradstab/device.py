@@ -1,0 +1,61 @@
+"""Which device to compute on, and how to make runs repeatable."""
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+
+ENV_VAR = "GRADSTAB_DEVICE"
+
+
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps and mps.is_available())
+
+
+def pick_device(prefer: str | None = None) -> torch.device:
+    """Return the device to use: ``prefer``, else ``$GRADSTAB_DEVICE``, else CUDA, then MPS, then CPU.
+
+    An explicit choice that is not available raises a ValueError instead of silently
+    falling back, so a run never lands on another device than the one asked for.
+    """
+    name = prefer or os.environ.get(ENV_VAR, "").strip() or None
+    if name is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps") if _mps_available() else torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'mps'; got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was requested but CUDA is not available here")
+    if device.type == "mps" and not _mps_available():
+        raise ValueError(f"device {name!r} was requested but MPS is not available here")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'mps'; got {name!r}")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators (all devices) with one call."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def make_deterministic(enabled: bool = True) -> None:
+    """Ask torch for deterministic kernels (on GPU this may cost speed; some ops then raise).
+
+    On CPU the same seed already gives the same numbers; on GPU, cuDNN's autotuner and
+    atomic-add reductions can change the last bits between runs unless this is on.
+    """
+    torch.backends.cudnn.benchmark = not enabled
+    torch.backends.cudnn.deterministic = enabled
+    torch.use_deterministic_algorithms(enabled, warn_only=True)
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

@@ -1,0 +1,63 @@
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import gradstab as gs
+
+
+def test_default_is_cpu_without_accelerators(monkeypatch):
+    monkeypatch.delenv("GRADSTAB_DEVICE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(gs.device, "_mps_available", lambda: False)
+    assert gs.pick_device() == torch.device("cpu")
+
+
+def test_cuda_preferred_then_mps(monkeypatch):
+    monkeypatch.delenv("GRADSTAB_DEVICE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert gs.pick_device() == torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(gs.device, "_mps_available", lambda: True)
+    assert gs.pick_device() == torch.device("mps")
+
+
+def test_env_overrides(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("GRADSTAB_DEVICE", "cpu")
+    assert gs.pick_device() == torch.device("cpu")
+
+
+def test_explicit_argument_beats_env(monkeypatch):
+    monkeypatch.setenv("GRADSTAB_DEVICE", "cuda")
+    assert gs.pick_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.parametrize("name", ["tpu", "gpu0", "nonsense"])
+def test_unknown_device_rejected(monkeypatch, name):
+    monkeypatch.setenv("GRADSTAB_DEVICE", name)
+    with pytest.raises(ValueError, match="device"):
+        gs.pick_device()
+
+
+def test_unavailable_cuda_rejected(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        gs.pick_device("cuda")
+
+
+def test_seed_everything_seeds_all_generators():
+    gs.seed_everything(7)
+    a = (random.random(), np.random.rand(), torch.rand(1).item())
+    gs.seed_everything(7)
+    b = (random.random(), np.random.rand(), torch.rand(1).item())
+    assert a == b
+    gs.seed_everything(8)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) != a
+
+
+@pytest.mark.parametrize("seed", [-1, 1.5, "0", True])
+def test_bad_seed(seed):
+    with pytest.raises(ValueError, match="seed"):
+        gs.seed_everything(seed)
