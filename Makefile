@@ -5,7 +5,6 @@ STAMP   := $(VENV)/.installed-stamp
 JB      := $(VENV)/bin/jupyter-book
 HTML    := _build/html/index.html
 export PYTHONHASHSEED := 0
-export MPLBACKEND := Agg
 
 .PHONY: setup book test unit notebooks strict-book browser bench lab lint clean
 

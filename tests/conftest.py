@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -7,5 +9,11 @@ torch.set_num_threads(1)  # tiny models: one thread is as fast and avoids oversu
 
 
 @pytest.fixture(scope="session")
-def digits():
-    return gs.load_digits("cpu")
+def device():
+    """CPU by default; GRADSTAB_TEST_DEVICE=cuda runs the device-aware tests on a GPU."""
+    return gs.pick_device(os.environ.get("GRADSTAB_TEST_DEVICE", "cpu"))
+
+
+@pytest.fixture(scope="session")
+def digits(device):
+    return gs.load_digits(device)
