@@ -28,6 +28,12 @@ def test_history_contents(digits):
     assert h.max_grad_norm == pytest.approx(float(h.grad_norms.max()))
 
 
+def test_evaluate_false_skips_accuracy(digits):
+    h = _run(digits, steps=2, evaluate=False)
+    assert math.isnan(h.test_accuracy) and math.isnan(h.train_accuracy)
+    assert not math.isnan(_run(digits, steps=2).test_accuracy)
+
+
 def test_same_seed_same_history(digits):
     a, b = _run(digits, seed=3), _run(digits, seed=3)
     assert a.loss == b.loss

@@ -13,6 +13,7 @@ from ._check import one_of, positive_float, positive_int
 from .data import Split, batches
 from .device import seed_everything
 from .monitor import GradientMonitor
+from .norm import _BatchNorm as _ScratchBatchNorm
 
 OPTIMIZERS = ("sgd", "adam")
 
@@ -95,8 +96,7 @@ def _check_args(model, lr, steps, batch_size, momentum, weight_decay, max_norm, 
     for name, value in (("max_norm", max_norm), ("clip_value", clip_value), ("agc", agc)):
         if value is not None:
             positive_float(name, value)
-    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) or "BatchNorm" in type(m).__name__
-                 for m in model.modules())
+    has_bn = any(isinstance(m, (nn.modules.batchnorm._BatchNorm, _ScratchBatchNorm)) for m in model.modules())
     if has_bn and batch_size < 2:
         raise ValueError(f"batch_size must be >= 2 for a model with BatchNorm in training, got {batch_size}")
 
@@ -105,14 +105,15 @@ def train(model: nn.Module, data: Split, *, lr: float, steps: int = 150, batch_s
           optimizer: str = "sgd", momentum: float = 0.9, weight_decay: float = 0.0,
           max_norm: float | None = None, clip_value: float | None = None, agc: float | None = None,
           warmup: int = 0, seed: int = 0, activations: bool = False, updates: bool = False,
-          loss_limit: float = math.inf, progress: bool = False) -> History:
+          loss_limit: float = math.inf, progress: bool = False, evaluate: bool = True) -> History:
     """Train ``model`` on ``data`` with cross-entropy for ``steps`` minibatch steps.
 
     Remedies: ``max_norm`` (clip by global norm), ``clip_value`` (clip by value), ``agc``
     (adaptive clipping factor), ``weight_decay`` (L2 through the optimizer), ``warmup``
     (linear learning-rate warmup over that many steps). The run stops, without raising,
     at the first step whose loss or any layer's gradient is non-finite (or whose loss
-    exceeds ``loss_limit``, if given); the history says which step and which layer. The model is
+    exceeds ``loss_limit``, if given); the history says which step and which layer.
+    ``evaluate=False`` skips the final train/test accuracy (left as nan). The model is
     moved to ``data``'s device; the same ``seed`` gives the same history on CPU.
     """
     _check_args(model, lr, steps, batch_size, momentum, weight_decay, max_norm, clip_value, agc, warmup,
@@ -153,8 +154,8 @@ def train(model: nn.Module, data: Split, *, lr: float, steps: int = 150, batch_s
     return History(
         loss=[float(v) for v in losses], layer_names=monitor.names, grad_norms=monitor.history("grad"),
         act_grad_norms=monitor.history("act_grad"), update_ratios=monitor.history("update_ratio"),
-        test_accuracy=accuracy(model, data.x_test, data.y_test),
-        train_accuracy=accuracy(model, data.x_train, data.y_train), seconds=seconds,
+        test_accuracy=accuracy(model, data.x_test, data.y_test) if evaluate else math.nan,
+        train_accuracy=accuracy(model, data.x_train, data.y_train) if evaluate else math.nan, seconds=seconds,
         config=dict(lr=lr, steps=steps, batch_size=batch_size, optimizer=optimizer, momentum=momentum,
                     weight_decay=weight_decay, max_norm=max_norm, clip_value=clip_value, agc=agc,
                     warmup=warmup, seed=seed, **getattr(model, "config", {})),
