@@ -33,7 +33,7 @@ def test_depth_counts_blocks():
 
 def test_same_seed_same_weights_and_different_seed_differs():
     a, b, c = gs.cnn(3, seed=1), gs.cnn(3, seed=1), gs.cnn(3, seed=2)
-    for (pa, pb, pc) in zip(a.parameters(), b.parameters(), c.parameters(), strict=True):
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.equal(pa, pb)
     assert not torch.equal(a.stem[0].weight, c.stem[0].weight)
 

@@ -36,6 +36,7 @@ class GradientMonitor:
         self._params = [p for m in self._modules for p in m.parameters(recurse=False)]
         sizes = [len(list(m.parameters(recurse=False))) for m in self._modules]
         self._owner = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+        self._index: dict = {}
         self.activations, self.updates = activations, updates
         self._rows: dict[str, list[torch.Tensor]] = {"grad": [], "act_grad": [], "update_ratio": []}
         self._act: list[torch.Tensor | None] = [None] * len(self._modules)
@@ -64,16 +65,21 @@ class GradientMonitor:
 
     def _output_hook(self, i: int):
         def hook(module, inputs, output):
-            if output.requires_grad:
-                output.register_hook(lambda g: self._act.__setitem__(i, g.detach().norm()))
+            if output.requires_grad:  # keep the gradient; all norms are taken in one call in record()
+                output.register_hook(lambda g: self._act.__setitem__(i, g))
         return hook
 
     # -- per-step recording ----------------------------------------------------------------
     def _per_layer(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        """Combine per-tensor 2-norms into per-layer 2-norms: sqrt(sum of squares per layer)."""
+        """Per-layer 2-norms sqrt(sum of squared tensor norms) of k stacked copies of the parameter list."""
         squares = torch.stack(torch._foreach_norm(tensors)).float() ** 2
-        owner = self._owner.to(squares.device)
-        return torch.zeros(len(self.names), device=squares.device).index_add_(0, owner, squares).sqrt()
+        copies = len(tensors) // len(self._params)
+        key = (copies, squares.device)
+        if key not in self._index:  # built once per device, so no host-to-device copy per step
+            offsets = [self._owner + c * len(self.names) for c in range(copies)]
+            self._index[key] = torch.cat(offsets).to(squares.device)
+        sums = torch.zeros(copies * len(self.names), dtype=squares.dtype, device=squares.device)
+        return sums.index_add_(0, self._index[key], squares).sqrt()
 
     def grad_norms(self) -> torch.Tensor:
         """Per-layer parameter-gradient norms for the gradients now in ``.grad`` (missing = 0)."""
@@ -83,14 +89,15 @@ class GradientMonitor:
     def before_step(self) -> None:
         """Remember the weights before the optimizer step (for the update-to-weight ratio)."""
         if self.updates:
-            self._before = [p.detach().clone() for p in self._params]
+            self._before = torch._foreach_mul([p.detach() for p in self._params], 1.0)  # one fused copy
 
     def after_step(self) -> None:
         """Append the update-to-weight ratio of the step taken since :meth:`before_step`."""
         if self._before is not None:
             now = [p.detach() for p in self._params]
-            delta = self._per_layer(torch._foreach_sub(now, self._before))
-            self._rows["update_ratio"].append(delta / self._per_layer(now).clamp_min(1e-12))
+            torch._foreach_sub_(self._before, now)  # before <- before - now = -Δθ (same norm)
+            delta, weight = self._per_layer([*self._before, *now]).view(2, -1)
+            self._rows["update_ratio"].append(delta / weight.clamp_min(1e-12))
             self._before = None
 
     def record(self) -> torch.Tensor:
@@ -99,7 +106,8 @@ class GradientMonitor:
         self._rows["grad"].append(norms)
         if self.activations:
             zero = norms.new_zeros(())
-            self._rows["act_grad"].append(torch.stack([zero if a is None else a for a in self._act]))
+            grads = [zero if a is None else a for a in self._act]
+            self._rows["act_grad"].append(torch.stack(torch._foreach_norm(grads)).float())
             self._act = [None] * len(self._modules)
         return norms
 
