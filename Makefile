@@ -31,7 +31,7 @@ unit: setup
 	$(VENV)/bin/pytest -q tests --ignore=tests/browser
 
 notebooks: setup
-	$(VENV)/bin/pytest -q --nbmake --nbmake-timeout=300 book
+	$(VENV)/bin/pytest -q -n 2 --nbmake --nbmake-timeout=300 book   # two notebooks at a time, one thread each
 
 strict-book: setup
 	rm -rf _build

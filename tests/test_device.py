@@ -61,3 +61,22 @@ def test_seed_everything_seeds_all_generators():
 def test_bad_seed(seed):
     with pytest.raises(ValueError, match="seed"):
         gs.seed_everything(seed)
+
+
+def test_use_threads_default_env_and_argument(monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("GRADSTAB_THREADS", raising=False)
+        assert gs.use_threads() == 1 and torch.get_num_threads() == 1
+        monkeypatch.setenv("GRADSTAB_THREADS", "2")
+        assert gs.use_threads() == 2 and torch.get_num_threads() == 2
+        assert gs.use_threads(1) == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("raw", ["0", "-1", "two", ""])
+def test_bad_thread_env(monkeypatch, raw):
+    monkeypatch.setenv("GRADSTAB_THREADS", raw)
+    with pytest.raises(ValueError, match="GRADSTAB_THREADS"):
+        gs.use_threads()

@@ -2,20 +2,55 @@
 
 Use it as ``import gradstab as gs``.
 """
-from . import plots
+from . import explore, plots, report, theory
+from .amp import AmpHistory, amp_train, autocast_dtype, fp16_underflow
 from .claims import ClaimFailed, claim, claim_between
 from .clip import adaptive_clip_grad_, agc_parameters, clip_grad_norm_, clip_grad_value_
 from .data import Split, batches, load_digits
-from .device import make_deterministic, pick_device, seed_everything
+from .device import make_deterministic, pick_device, seed_everything, use_threads
+from .guard import (
+    Checkpoint,
+    GuardedRun,
+    NanSource,
+    SpikeDetector,
+    corrupt,
+    find_nan_op,
+    first_nonfinite_output,
+    grads_finite,
+    guarded_train,
+)
 from .models import CNN, MLP, cnn, init_weights, mlp
 from .monitor import GradientMonitor, weight_layers
 from .norm import BatchNorm1d, BatchNorm2d
+from .probe import Profile, gradient_through_time, growth_per_layer, linear_gradient_norms, signal_profile
+from .recurrent import RecurrentClassifier, rnn, sequence_task, state_gradients
 from .regularize import Dropout, decoupled_weight_decay_, l1_penalty, l2_penalty
+from .report import best_run, comparison_table, final_loss, phase_grid
+from .sweep import sweep, sweep_grid
 from .train import History, accuracy, train
 
 __version__ = "0.1.0"
 
+use_threads()  # one CPU thread unless $GRADSTAB_THREADS says otherwise: same seed, same numbers anywhere
+
 __all__ = [
+    "AmpHistory",
+    "Checkpoint",
+    "GuardedRun",
+    "NanSource",
+    "RecurrentClassifier",
+    "SpikeDetector",
+    "amp_train",
+    "autocast_dtype",
+    "corrupt",
+    "find_nan_op",
+    "first_nonfinite_output",
+    "fp16_underflow",
+    "grads_finite",
+    "guarded_train",
+    "rnn",
+    "sequence_task",
+    "state_gradients",
     "CNN",
     "MLP",
     "BatchNorm1d",
@@ -43,7 +78,22 @@ __all__ = [
     "mlp",
     "pick_device",
     "plots",
+    "explore",
     "seed_everything",
+    "use_threads",
+    "sweep",
+    "sweep_grid",
     "train",
     "weight_layers",
+    "theory",
+    "Profile",
+    "gradient_through_time",
+    "growth_per_layer",
+    "linear_gradient_norms",
+    "signal_profile",
+    "report",
+    "best_run",
+    "comparison_table",
+    "final_loss",
+    "phase_grid",
 ]

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 ENV_VAR = "GRADSTAB_DEVICE"
+THREADS_VAR = "GRADSTAB_THREADS"
 
 
 def _mps_available() -> bool:
@@ -59,3 +60,23 @@ def make_deterministic(enabled: bool = True) -> None:
     torch.use_deterministic_algorithms(enabled, warn_only=True)
     if enabled:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def use_threads(n: int | None = None) -> int:
+    """Set torch's CPU thread count to ``n``, else ``$GRADSTAB_THREADS``, else 1; return it.
+
+    The package calls this once on import. One thread is the default because the book's
+    small networks gain little from more, and because a float reduction split across a
+    different number of threads rounds differently: a chaotic training run (one near the
+    edge of divergence) then takes another path. One thread makes the same seed give the
+    same numbers on every CPU machine, which the book's checked claims rely on.
+    """
+    if n is None:
+        raw = os.environ.get(THREADS_VAR, "1").strip()
+        if not raw.isdigit() or int(raw) < 1:
+            raise ValueError(f"{THREADS_VAR} must be a positive integer, got {raw!r}")
+        n = int(raw)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}")
+    torch.set_num_threads(n)
+    return n

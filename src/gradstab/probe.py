@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ._check import positive_int
 from .monitor import weight_layers
 
 
@@ -91,23 +90,27 @@ def signal_profile(model: nn.Module, x: torch.Tensor, layers: list[nn.Module] | 
     )
 
 
-def recurrence_gradient_norms(weight: torch.Tensor, steps: int, grad: torch.Tensor | None = None) -> torch.Tensor:
-    """Backpropagate through the linear recurrence h_t = W h_{t-1} for ``steps`` steps, measured by autograd.
+def linear_gradient_norms(weights, grad: torch.Tensor | None = None) -> torch.Tensor:
+    """Backpropagate through the linear chain h_t = W_t h_{t-1}, t = 1..T, measured by autograd.
 
-    Returns the norms ||dL/dh_{T-k}|| for k = 0..steps, where L = <grad, h_T>; mathematically
-    dL/dh_{T-k} = (W^T)^k grad. ``grad`` defaults to the all-ones vector (norm sqrt(h)).
+    ``weights`` is a sequence of T square matrices: ``[W] * T`` is a linear recurrence (one
+    matrix T times), T different matrices a deep linear network. Returns ||dL/dh_{T-k}|| for
+    k = 0..T with L = <grad, h_T>, i.e. the norm of W_{T-k+1}^T ... W_T^T grad. ``grad``
+    defaults to the all-ones vector (norm sqrt(h)).
     """
-    if weight.ndim != 2 or weight.shape[0] != weight.shape[1]:
-        raise ValueError(f"weight must be a square matrix, got shape {tuple(weight.shape)}")
-    positive_int("steps", steps)
-    w = weight.detach().double()
-    g = torch.ones(w.shape[0], dtype=torch.float64) if grad is None else grad.detach().double().flatten()
-    if g.numel() != w.shape[0]:
-        raise ValueError(f"grad must have {w.shape[0]} entries, got {g.numel()}")
-    states = [torch.zeros(w.shape[0], dtype=torch.float64, requires_grad=True)]
-    for _ in range(steps):
+    ws = [torch.as_tensor(w).detach().double() for w in weights]
+    if not ws:
+        raise ValueError("weights must hold at least one matrix")
+    h = ws[0].shape[0]
+    if any(w.shape != (h, h) for w in ws):
+        raise ValueError(f"weights must all be square matrices of one size; got shapes {[tuple(w.shape) for w in ws]}")
+    g = torch.ones(h, dtype=torch.float64) if grad is None else grad.detach().double().flatten()
+    if g.numel() != h:
+        raise ValueError(f"grad must have {h} entries, got {g.numel()}")
+    states = [torch.zeros(h, dtype=torch.float64, device=ws[0].device, requires_grad=True)]
+    for w in ws:
         states.append(w @ states[-1])
-    grads = torch.autograd.grad(states[-1], states, grad_outputs=g.to(w.device))
+    grads = torch.autograd.grad(states[-1], states, grad_outputs=g.to(ws[0].device))
     return torch.stack([gr.norm() for gr in grads]).flip(0).cpu()
 
 

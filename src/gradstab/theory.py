@@ -17,7 +17,7 @@ from ._check import one_of, positive_float, positive_int
 RELU_CRITICAL_GAIN = math.sqrt(2.0)
 
 #: Per-layer growth, toward the input, of the gradient of a deep BN-ReLU network at
-#: initialization: sqrt(pi / (pi - 1)) ~ 1.2106 (Yang et al. 2019).
+#: initialization: sqrt(pi / (pi - 1)) ~ 1.2112 (Yang et al. 2019).
 BN_RELU_GRADIENT_GROWTH = math.sqrt(math.pi / (math.pi - 1.0))
 
 # E[phi(z)^2] / E[z^2] for z ~ N(0, q) as q -> 0: the fraction of its input's mean square that

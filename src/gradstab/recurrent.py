@@ -26,22 +26,26 @@ class RecurrentClassifier(nn.Module):
 
     ``cell``: ``"rnn"`` (``h = tanh(W_ih x + W_hh h)``), ``"lstm"`` (gates i, f, g, o as in
     ``torch.nn.LSTM``) or ``"gru"`` (gates r, z, n as in ``torch.nn.GRU``). ``ih`` and ``hh`` are
-    ``nn.Linear`` maps holding all gates, so :class:`~gradstab.GradientMonitor` sees them as layers.
+    ``nn.Linear`` maps holding all gates, so :class:`~gradstab.monitor.GradientMonitor` sees them as layers.
     Weights: ``W_ih ~ N(0, 1/F)``, each gate block of ``W_hh ~ N(0, recurrent_gain^2/hidden)``
-    (spectral radius about ``recurrent_gain``), biases 0.
+    (spectral radius about ``recurrent_gain``), biases 0 except ``memory_bias`` on the gate that keeps
+    the old state (LSTM forget gate, GRU update gate); 1 is a common choice (Jozefowicz et al. 2015).
     """
 
     def __init__(self, cell: str = "rnn", input_size: int = 8, hidden: int = 32, num_classes: int = 8,
-                 recurrent_gain: float = 1.0):
+                 recurrent_gain: float = 1.0, memory_bias: float = 0.0):
         super().__init__()
         one_of("cell", cell, CELLS)
         positive_int("input_size", input_size)
         positive_int("hidden", hidden)
         positive_int("num_classes", num_classes, minimum=2)
         positive_float("recurrent_gain", recurrent_gain)
+        memory_bias = float(memory_bias)
+        if not math.isfinite(memory_bias):
+            raise ValueError(f"memory_bias must be a finite number, got {memory_bias!r}")
         self.cell, self.hidden = cell, hidden
         self.config = dict(cell=cell, input_size=input_size, hidden=hidden, num_classes=num_classes,
-                           recurrent_gain=recurrent_gain)
+                           recurrent_gain=recurrent_gain, memory_bias=memory_bias)
         gates = GATES[cell] * hidden
         self.ih = nn.Linear(input_size, gates)
         self.hh = nn.Linear(hidden, gates)
@@ -51,6 +55,8 @@ class RecurrentClassifier(nn.Module):
             self.hh.weight.normal_(0.0, recurrent_gain / math.sqrt(hidden))
             self.ih.bias.zero_()
             self.hh.bias.zero_()
+            if cell != "rnn":  # LSTM forget gate f (2nd block), GRU update gate z (2nd block)
+                self.ih.bias[hidden : 2 * hidden] = memory_bias
 
     def step(self, xi: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One time step from the input projection ``xi = W_ih x_t + b_ih``: returns (h, c)."""
@@ -80,6 +86,7 @@ class RecurrentClassifier(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits (N, num_classes) from the last hidden state of a (N, T, F) batch."""
         return self.head(self.states(x)[-1])
 
 

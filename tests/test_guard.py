@@ -1,0 +1,130 @@
+"""gradstab.guard: skip non-finite steps, roll back after spikes, locate the op that made a NaN."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import gradstab as gs
+from gradstab.guard import (
+    Checkpoint,
+    SpikeDetector,
+    corrupt,
+    find_nan_op,
+    first_nonfinite_output,
+    grads_finite,
+    guarded_train,
+)
+
+
+@pytest.fixture(scope="module")
+def flat(digits):
+    return digits.flat()  # conftest's digits, on GRADSTAB_TEST_DEVICE (CPU by default)
+
+
+def test_injected_nan_is_skipped_and_reported(flat):
+    bad = corrupt(flat, [7])
+    stopped = gs.train(gs.mlp(2), bad, lr=0.05, steps=30)
+    assert stopped.diverged  # the plain loop stops at the first batch holding row 7
+    model = gs.mlp(2)
+    run = guarded_train(model, bad, lr=0.05, steps=30)
+    assert len(run.loss) == 30 and run.skipped and not run.rollbacks
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(e.row == 7 and "non-finite" in e.reason for e in run.events)
+    assert all(math.isnan(run.loss[s]) for s in run.skipped)
+    assert "skipped" in run.report() and run.test_accuracy > 0.5
+
+
+def test_spike_triggers_rollback_and_training_continues(flat):
+    bad = corrupt(flat, [7, 300], scale=1000.0)
+    assert gs.train(gs.mlp(4), bad, lr=0.05, steps=100).diverged
+    run = guarded_train(gs.mlp(4), bad, lr=0.05, steps=100)
+    assert run.rollbacks and len(run.loss) == 100
+    first = run.events[0]
+    assert first.kind == "rollback" and first.restored_to <= first.step
+    assert first.step < 99 and run.test_accuracy > 0.8  # training went on (the final check guards the end)
+
+
+def test_clean_run_has_no_events(flat):
+    run = guarded_train(gs.mlp(2), flat, lr=0.05, steps=60)
+    assert run.events == [] and run.test_accuracy > 0.8
+
+
+def test_patience_rolls_back_when_every_step_is_nonfinite(flat):
+    model = gs.mlp(1)
+    run_data = corrupt(flat, list(range(len(flat.y_train))))  # every row broken
+    run = guarded_train(model, run_data, lr=0.05, steps=7, patience=3)
+    kinds = [e.kind for e in run.events]
+    assert kinds == ["skip", "skip", "rollback", "skip", "skip", "rollback", "skip", "rollback"]
+    assert run.events[-1].step == 7 and "final check" in run.events[-1].reason  # the check after the last step
+
+
+def test_spike_detector():
+    det = SpikeDetector(factor=3.0, window=4, min_history=2)
+    assert not det(1.0)
+    assert not det(10.0)  # not armed yet: accepted
+    assert det(31.0) and det.baseline == 10.0  # 31 > 3 x max(1, 10); not added
+    assert not det(29.0)
+
+
+def test_checkpoint_restores_model_and_optimizer():
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    ckpt = Checkpoint(model, opt, step=5)
+    saved = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.fill_(float("nan"))
+    opt.param_groups[0]["lr"] = 99.0
+    assert ckpt.restore(model, opt) == 5
+    assert torch.equal(model.weight, saved) and opt.param_groups[0]["lr"] == 0.1
+
+
+def test_grads_finite():
+    p = nn.Parameter(torch.ones(3))
+    assert grads_finite([p])
+    p.grad = torch.tensor([0.0, math.inf, 1.0])
+    assert not grads_finite([p])
+
+
+def test_find_nan_op_names_sqrt_in_where():
+    x = torch.tensor([-1.0, 0.5, 4.0], requires_grad=True)
+
+    def step():
+        y = torch.where(x > 0, x.sqrt(), torch.zeros_like(x))
+        y.sum().backward()
+
+    source = find_nan_op(step)
+    assert source is not None and source.op == "SqrtBackward0" and source.output == 0
+    assert "x.sqrt()" in source.code and "SqrtBackward0" in str(source)
+    ok = torch.tensor([1.0, 4.0], requires_grad=True)
+    assert find_nan_op(lambda: ok.sqrt().sum().backward()) is None
+
+
+def test_first_nonfinite_output(flat):
+    x = flat.x_train[:4].clone()
+    model = gs.mlp(2).to(x.device)
+    assert first_nonfinite_output(model, x) is None
+    x[0, 0] = math.nan
+    assert first_nonfinite_output(model, x) == "stem.0"
+
+
+@pytest.mark.parametrize("kwargs", [dict(lr=0), dict(lr=0.1, checkpoint_every=0), dict(lr=0.1, patience=0),
+                                    dict(lr=0.1, lr_backoff=2.0), dict(lr=0.1, spike_factor=1.0),
+                                    dict(lr=0.1, optimizer="rmsprop")])
+def test_bad_arguments(flat, kwargs):
+    with pytest.raises(ValueError):
+        guarded_train(gs.mlp(1), flat, steps=1, **kwargs)
+
+
+def test_corrupt_checks_rows(flat):
+    with pytest.raises(ValueError, match="rows"):
+        corrupt(flat, [len(flat.y_train)])
+    with pytest.raises(ValueError, match="rows"):
+        corrupt(flat, [])
+    scaled = corrupt(flat, [3], scale=10.0)
+    assert torch.allclose(scaled.x_train[3], flat.x_train[3] * 10)
+    assert torch.equal(scaled.x_train[4], flat.x_train[4])

@@ -1,0 +1,76 @@
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import gradstab as gs  # noqa: E402
+
+
+def run(acc=0.9, diverged=False, step=None, grad=1.0, **config):
+    loss = [2.0, 1.0] + ([math.nan] if diverged else [])
+    return gs.History(loss=loss, layer_names=["a"], grad_norms=torch.full((len(loss), 1), grad),
+                      act_grad_norms=torch.zeros(0, 1), update_ratios=torch.zeros(0, 1), diverged=diverged,
+                      diverged_step=step, test_accuracy=acc, config=config)
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    yield
+    plt.close("all")
+
+
+def texts(fig):
+    return [t.get_text() for ax in fig.axes for t in ax.texts]
+
+
+def test_digits_grid_one_row_per_class():
+    images = torch.randn(30, 1, 8, 8)
+    labels = torch.arange(30) % 3
+    fig = gs.plots.digits_grid(images, labels, per_class=4, title="Digits")
+    assert len(fig.axes) == 3 * 4
+    assert fig._suptitle.get_text() == "Digits"
+    assert [fig.axes[4 * r].get_ylabel() for r in range(3)] == ["0", "1", "2"]
+    with pytest.raises(ValueError, match="per_class"):
+        gs.plots.digits_grid(images, labels, per_class=0)
+
+
+def test_class_counts_bars_match_bincount():
+    y_train, y_test = torch.tensor([0, 0, 1, 2, 2, 2]), torch.tensor([1, 2])
+    fig = gs.plots.class_counts({"train": y_train, "test": y_test})
+    ax = fig.axes[0]
+    heights = [p.get_height() for p in ax.patches]
+    assert heights == [2, 1, 3, 0, 1, 1]
+    assert ax.get_xlabel() and ax.get_ylabel() and ax.get_title()
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["train", "test"]
+
+
+def test_comparison_bars_marks_divergence():
+    fig = gs.plots.comparison_bars({"ok": run(acc=0.95, grad=2.0), "bad": run(diverged=True, step=7, grad=1e5)},
+                                   title="T")
+    acc_ax, grad_ax = fig.axes
+    labels = dict(zip(acc_ax.get_yticks(), [t.get_text() for t in acc_ax.get_yticklabels()], strict=True))
+    assert labels == {1: "ok", 0: "bad"}  # first run on top
+    assert "diverged at step 7" in texts(fig) and "95.0%" in texts(fig)
+    assert grad_ax.get_xscale() == "log" and acc_ax.get_xlabel() and grad_ax.get_xlabel()
+    assert fig._suptitle.get_text() == "T"
+
+
+@pytest.mark.parametrize("metric", ["loss", "accuracy"])
+def test_phase_diagram_one_panel_per_variant(metric):
+    runs = [run(acc=0.5, variant=v, depth=d, lr=lr, diverged=(v == "plain" and lr == 1.0), step=3)
+            for v in ("plain", "bn", "res", "clip") for d in (2, 4, 8) for lr in (0.1, 1.0)]
+    fig = gs.plots.phase_diagram(runs, metric=metric)
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title() for ax in panels] == ["plain", "bn", "res", "clip"]
+    crosses = [line for line in panels[0].lines if line.get_marker() == "x"]
+    assert len(crosses) == 3  # one per depth at lr 1.0
+    assert not [line for line in panels[1].lines if line.get_marker() == "x"]
+    assert len(panels[1].texts) == 6  # every finished cell carries its value
+    assert panels[2].get_xlabel() and panels[0].get_ylabel() and fig._suptitle.get_text()  # a 2 x 2 grid
+    assert panels[0].get_position().y0 > panels[2].get_position().y0
+    with pytest.raises(ValueError, match="metric"):
+        gs.plots.phase_diagram(runs, metric="f1")
