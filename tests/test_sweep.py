@@ -108,3 +108,23 @@ def test_bad_arguments_raise(digits, kwargs, name):
 def test_grid_needs_variants(digits):
     with pytest.raises(ValueError, match="variants"):
         gs.sweep_grid(digits, [2], [0.1], {})
+
+
+def test_evaluate_false_skips_accuracy_on_both_paths(digits):
+    import math
+    batched = gs.sweep(digits, [0.05], depth=1, steps=2, width=4, evaluate=False)
+    fallback = gs.sweep(digits, [0.05], depth=1, steps=2, width=4, dropout=0.1, evaluate=False)
+    assert all(math.isnan(h.test_accuracy) for h in batched + fallback)
+    assert batched[0].loss == pytest.approx(gs.sweep(digits, [0.05], depth=1, steps=2, width=4)[0].loss)
+
+
+def test_grid_in_two_processes_equals_one(digits):
+    if digits.device.type != "cpu":
+        pytest.skip("worker processes are used on the CPU only")
+    variants = {"plain": {}, "clip": {"max_norm": 0.5}, "scaled": lambda d: {"residual": True, "branch_scale": d ** -0.5}}
+    args = dict(depths=[1, 2], lrs=[0.05, 0.5], variants=variants, steps=3, width=4)
+    serial, parallel = gs.sweep_grid(digits, **args), gs.sweep_grid(digits, **args, workers=2)
+    assert [h.config for h in serial] == [h.config for h in parallel]
+    assert [h.loss for h in serial] == [h.loss for h in parallel]
+    with pytest.raises(ValueError, match="workers"):
+        gs.sweep_grid(digits, **args, workers=0)

@@ -10,7 +10,9 @@ whose loss or gradient turns non-finite is retired (its row removed) and the oth
 from __future__ import annotations
 
 import math
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import torch
 from torch import nn
@@ -23,7 +25,8 @@ from .monitor import weight_layers
 from .train import History, _check_args, _diagnose, train
 
 ARCHS = {"cnn": cnn, "mlp": mlp}
-TRAIN_OPTIONS = ("optimizer", "weight_decay", "clip_value", "agc", "warmup", "loss_limit", "activations", "updates")
+TRAIN_OPTIONS = ("optimizer", "weight_decay", "clip_value", "agc", "warmup", "loss_limit", "activations", "updates",
+                 "evaluate")
 ACTIVATIONS = {"relu": F.relu_, "tanh": torch.tanh_, "linear": lambda z: z}  # in place: z is always fresh
 
 
@@ -34,7 +37,7 @@ def sweep(data: Split, lrs, *, depth: int, seeds=(0,), steps: int = 100, batch_s
     Returns one :class:`~gradstab.train.History` per member, lrs-major then seeds, each equal (up to float
     rounding) to ``train(arch(depth, seed=s, **knobs), data, lr=lr, seed=s, ...)``. ``knobs`` are
     model knobs (width, norm, residual, ...) and may include train options (weight_decay, warmup,
-    clip_value, loss_limit, agc, optimizer, activations, updates). Members are trained as one
+    clip_value, loss_limit, agc, optimizer, activations, updates, evaluate). Members are trained as one
     batched network when that covers the setting (norm "none"/"batch", no skipinit, no dropout,
     SGD, no agc, no activation or update statistics), else one by one with :func:`~gradstab.train.train`.
     Each History's ``seconds`` is the batched run's time divided by the number of members.
@@ -57,34 +60,54 @@ def sweep(data: Split, lrs, *, depth: int, seeds=(0,), steps: int = 100, batch_s
     if not _batchable(models[0], options):
         return [train(m, data, lr=lr, seed=seed, **options) for m, (lr, seed) in zip(models, members, strict=True)]
     defaults = dict(optimizer="sgd", weight_decay=0.0, clip_value=None, agc=None, warmup=0, loss_limit=math.inf)
+    evaluate = options.pop("evaluate", True)
     options = {**defaults, **{k: v for k, v in options.items() if k not in ("activations", "updates")}}
     _check_args(models[0], min(lrs), *(options[k] for k in (
         "steps", "batch_size", "momentum", "weight_decay", "max_norm", "clip_value", "agc", "warmup", "loss_limit")))
     with torch.no_grad():
         models[0].eval()(data.x_train[:2].cpu())  # the model's own check of the input shape
-    return _fit(Stack(models, data.device), data, [lr for lr, _ in members], [s for _, s in members], **options)
+    return _fit(Stack(models, data.device), data, [lr for lr, _ in members], [s for _, s in members],
+                evaluate=evaluate, **options)
 
 
 def sweep_grid(data: Split, depths, lrs, variants: dict[str, dict], *, steps: int = 100, seeds=(0,),
-               batch_size: int = 64, momentum: float = 0.9, arch: str = "cnn", **knobs) -> list[History]:
+               batch_size: int = 64, momentum: float = 0.9, arch: str = "cnn", workers: int = 1,
+               **knobs) -> list[History]:
     """:func:`sweep` for every depth and every named variant (a dict of model knobs and train options).
 
     A variant may also be a function of the depth returning that dict (e.g. a branch scale of
     ``depth ** -0.5``); ``knobs`` are shared by all variants (a variant's own win). Returns the
     Histories depth-major, then variant, then lr, then seed; each ``config`` carries ``depth``,
     ``lr``, ``seed`` and the variant's name under ``"variant"``.
+
+    ``workers > 1`` spreads the (depth, variant) sweeps over that many CPU processes. Each runs
+    on the same number of threads as this one, so the numbers are identical to ``workers=1``;
+    on a GPU the sweeps always run here, one after another.
     """
     if not variants:
         raise ValueError("variants must name at least one variant, e.g. {'plain': {}}")
+    positive_int("workers", workers)
+    common = dict(lrs=list(lrs), seeds=list(seeds), steps=steps, batch_size=batch_size, momentum=momentum, arch=arch)
+    jobs = [(name, dict(depth=depth, **common, **{**knobs, **(variant(depth) if callable(variant) else variant)}))
+            for depth in depths for name, variant in variants.items()]
+    if workers == 1 or data.device.type != "cpu":
+        results = [sweep(data, **job) for _, job in jobs]
+    else:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=torch.set_num_threads,
+                                 initargs=(torch.get_num_threads(),)) as pool:
+            results = list(pool.map(_sweep_job, [data] * len(jobs), [job for _, job in jobs]))
     runs = []
-    for depth in depths:
-        for name, variant in variants.items():
-            own = variant(depth) if callable(variant) else variant
-            for history in sweep(data, lrs, depth=depth, seeds=seeds, steps=steps, batch_size=batch_size,
-                                 momentum=momentum, arch=arch, **{**knobs, **own}):
-                history.config["variant"] = name
-                runs.append(history)
+    for (name, _), histories in zip(jobs, results, strict=True):
+        for history in histories:
+            history.config["variant"] = name
+            runs.append(history)
     return runs
+
+
+def _sweep_job(data: Split, job: dict) -> list[History]:
+    """One (depth, variant) sweep in a worker process (a top-level function, so it pickles)."""
+    return sweep(data, job.pop("lrs"), **job)
 
 
 def _batchable(model: nn.Module, options: dict) -> bool:
@@ -191,7 +214,7 @@ def _inputs(data: Split, order: torch.Tensor, seed_of: torch.Tensor):
 
 
 def _fit(stack: Stack, data: Split, lrs, seeds, *, steps, batch_size, momentum, max_norm, optimizer,
-         weight_decay, clip_value, agc, warmup, loss_limit) -> list[History]:
+         weight_decay, clip_value, agc, warmup, loss_limit, evaluate) -> list[History]:
     torch.set_flush_denormal(True)
     dev, n_members, n_layers = data.device, len(lrs), len(stack.names)
     unique = sorted(set(seeds))
@@ -242,8 +265,9 @@ def _fit(stack: Stack, data: Split, lrs, seeds, *, steps, batch_size, momentum, 
     for k, v in stack.stats.items():
         final_stats[k][alive] = v
     stack.theta, stack.stats = final_theta, final_stats
-    test_acc = stack.accuracy(data.x_test, data.y_test).tolist()
-    train_acc = stack.accuracy(data.x_train, data.y_train).tolist()
+    skipped = [math.nan] * n_members
+    test_acc = stack.accuracy(data.x_test, data.y_test).tolist() if evaluate else skipped
+    train_acc = stack.accuracy(data.x_train, data.y_train).tolist() if evaluate else skipped
     loss_rows, norm_rows = torch.stack(loss_rows).cpu(), torch.stack(norm_rows).cpu()
     config = dict(steps=steps, batch_size=batch_size, optimizer=optimizer, momentum=momentum,
                   weight_decay=weight_decay, max_norm=max_norm, clip_value=clip_value, agc=agc, warmup=warmup)
