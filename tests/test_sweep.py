@@ -121,7 +121,8 @@ def test_evaluate_false_skips_accuracy_on_both_paths(digits):
 def test_grid_in_two_processes_equals_one(digits):
     if digits.device.type != "cpu":
         pytest.skip("worker processes are used on the CPU only")
-    variants = {"plain": {}, "clip": {"max_norm": 0.5}, "scaled": lambda d: {"residual": True, "branch_scale": d ** -0.5}}
+    variants = {"plain": {}, "clip": {"max_norm": 0.5},
+                "scaled": lambda d: {"residual": True, "branch_scale": d ** -0.5}}
     args = dict(depths=[1, 2], lrs=[0.05, 0.5], variants=variants, steps=3, width=4)
     serial, parallel = gs.sweep_grid(digits, **args), gs.sweep_grid(digits, **args, workers=2)
     assert [h.config for h in serial] == [h.config for h in parallel]
