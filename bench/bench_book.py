@@ -17,7 +17,7 @@ import common
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKERS = 2
-DURATION = re.compile(r"^\s*([\d.]+)s call\s+(book/\S+\.ipynb)", re.MULTILINE)
+DURATION = re.compile(r"^\s*([\d.]+)s call\s+(book/\S+?\.ipynb)", re.MULTILINE)
 
 
 def execute() -> tuple[float, str, int]:

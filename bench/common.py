@@ -8,6 +8,8 @@ import time
 import torch
 from torch.nn import functional as F
 
+import gradstab  # noqa: F401  (sets torch's thread count: 1, or $GRADSTAB_THREADS)
+
 
 def device() -> torch.device:
     """The benchmarks run on the CPU unless BENCH_DEVICE names another device."""
