@@ -1,11 +1,8 @@
 import os
 
 import pytest
-import torch
 
 import gradstab as gs
-
-torch.set_num_threads(1)  # tiny models: one thread is as fast and avoids oversubscription
 
 
 @pytest.fixture(scope="session")

@@ -4,10 +4,10 @@ Use it as ``import gradstab as gs``.
 """
 from . import explore, plots, report, theory
 from .amp import AmpHistory, amp_train, autocast_dtype, fp16_underflow
-from .claims import ClaimFailed, claim, claim_between
+from .claims import ClaimFailed, Spread, claim, claim_between, claim_median, claim_seeds, spread
 from .clip import adaptive_clip_grad_, agc_parameters, clip_grad_norm_, clip_grad_value_
 from .data import Split, batches, load_digits
-from .device import make_deterministic, pick_device, seed_everything, use_threads
+from .device import base_seed, make_deterministic, pick_device, seed_everything, seeds, use_threads
 from .guard import (
     Checkpoint,
     GuardedRun,
@@ -66,6 +66,12 @@ __all__ = [
     "batches",
     "claim",
     "claim_between",
+    "claim_median",
+    "claim_seeds",
+    "spread",
+    "Spread",
+    "seeds",
+    "base_seed",
     "clip_grad_norm_",
     "clip_grad_value_",
     "cnn",

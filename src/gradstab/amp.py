@@ -17,7 +17,7 @@ from torch.nn import functional as F
 
 from ._check import one_of, positive_float, positive_int
 from .data import Split, batches
-from .device import seed_everything
+from .device import resolve_seed, seed_everything
 from .train import accuracy, make_optimizer
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -53,7 +53,7 @@ def _global_norm(model: nn.Module) -> torch.Tensor:
 def amp_train(model: nn.Module, data: Split, *, lr: float, steps: int = 150, batch_size: int = 64,
               dtype: str | None = None, optimizer: str = "sgd", momentum: float = 0.9,
               max_norm: float | None = None, unscale_before_clip: bool = True, loss_scaling: bool = True,
-              init_scale: float = 2.0**16, growth_interval: int = 2000, seed: int = 0) -> AmpHistory:
+              init_scale: float = 2.0**16, growth_interval: int = 2000, seed: int | None = None) -> AmpHistory:
     """Train with autocast in ``dtype`` (default :func:`autocast_dtype` of the data's device) and a GradScaler.
 
     The step is the documented recipe: ``scaler.scale(loss).backward()``, ``scaler.unscale_(opt)``,
@@ -69,6 +69,7 @@ def amp_train(model: nn.Module, data: Split, *, lr: float, steps: int = 150, bat
     positive_int("growth_interval", growth_interval)
     if max_norm is not None:
         positive_float("max_norm", max_norm)
+    seed = resolve_seed(seed)
     seed_everything(seed)
     device = data.device
     model.to(device).train()

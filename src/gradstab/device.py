@@ -9,6 +9,7 @@ import torch
 
 ENV_VAR = "GRADSTAB_DEVICE"
 THREADS_VAR = "GRADSTAB_THREADS"
+SEED_VAR = "GRADSTAB_SEED"
 
 
 def _mps_available() -> bool:
@@ -38,6 +39,41 @@ def pick_device(prefer: str | None = None) -> torch.device:
     if device.type not in ("cpu", "cuda", "mps"):
         raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'mps'; got {name!r}")
     return device
+
+
+def base_seed() -> int:
+    """The first seed of every experiment: ``$GRADSTAB_SEED`` if set, else 0.
+
+    Every ``seed=None`` in gradstab (models, :func:`~gradstab.train.train`, sweeps, probes, tasks)
+    means this seed, and :func:`seeds` counts up from it. Setting ``GRADSTAB_SEED=1000`` therefore
+    reruns a whole notebook on seeds it was never written for: the book's held-out check.
+    Raises ValueError if the variable is not a non-negative integer.
+    """
+    raw = os.environ.get(SEED_VAR, "0").strip()
+    if not raw.isdigit():
+        raise ValueError(f"{SEED_VAR} must be a non-negative integer, got {raw!r}")
+    return int(raw)
+
+
+def resolve_seed(seed: int | None) -> int:
+    """``seed`` itself if given (a non-negative int), else :func:`base_seed`."""
+    if seed is None:
+        return base_seed()
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
+    return seed
+
+
+def seeds(n: int) -> list[int]:
+    """``n`` consecutive seeds starting at :func:`base_seed`: the seeds of one multi-seed claim.
+
+    >>> seeds(3)  # with GRADSTAB_SEED unset
+    [0, 1, 2]
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an integer >= 1, got {n!r}")
+    start = base_seed()
+    return list(range(start, start + n))
 
 
 def seed_everything(seed: int) -> None:

@@ -27,6 +27,7 @@ import torch
 
 from ._check import one_of, positive_float, positive_int
 from .data import Split
+from .device import resolve_seed
 from .models import cnn, mlp
 from .train import History, train
 
@@ -66,7 +67,7 @@ _WIDTH = {"mlp": 32, "cnn": 8}
 
 
 def run_one(data: Split, depth: int, lr: float, variant: str = "plain", *, arch: str = "mlp", steps: int = 60,
-            width: int | None = None, batch_size: int = 64, seed: int = 0, cancelled=None) -> History:
+            width: int | None = None, batch_size: int = 64, seed: int | None = None, cancelled=None) -> History:
     """Train one small network for the explorers; ``history.config`` gets ``depth``, ``lr`` and ``variant``.
 
     ``arch`` is ``"mlp"`` (default width 32, on the flattened images: cheap enough to retrain
@@ -100,7 +101,7 @@ def _stop_if(cancelled) -> None:
 
 def grid(data: Split, depths: Sequence[int], lrs: Sequence[float],
          variants: Sequence[str] = ("plain", "batchnorm", "residual", "clip"), *, arch: str = "mlp",
-         steps: int = 60, width: int | None = None, batch_size: int = 64, seed: int = 0) -> list[History]:
+         steps: int = 60, width: int | None = None, batch_size: int = 64, seed: int | None = None) -> list[History]:
     """Every (variant, depth, lr), trained as :func:`run_one` would: the input :func:`static_explorer` expects.
 
     All learning rates of one depth and variant train at once through :func:`gradstab.sweep.sweep`.
@@ -114,8 +115,8 @@ def grid(data: Split, depths: Sequence[int], lrs: Sequence[float],
     for variant in variants:
         for depth in depths:
             model_kw, train_kw = variant_kwargs(variant, depth)
-            for history in sweep(data, lrs, depth=depth, seeds=(seed,), steps=steps, batch_size=batch_size,
-                                 arch=arch, width=width or _WIDTH[arch], **model_kw, **train_kw):
+            for history in sweep(data, lrs, depth=depth, seeds=(resolve_seed(seed),), steps=steps,
+                                 batch_size=batch_size, arch=arch, width=width or _WIDTH[arch], **model_kw, **train_kw):
                 history.config.update(depth=depth, variant=variant, arch=arch)
                 runs.append(history)
     return runs
@@ -411,7 +412,7 @@ class LiveExplorer:
     """
 
     def __init__(self, data: Split, depths=(1, 16), lrs=(1e-3, 3.0), steps: int = 60, arch: str = "mlp",
-                 width: int | None = None, batch_size: int = 64, debounce: float = 0.15, seed: int = 0):
+                 width: int | None = None, batch_size: int = 64, debounce: float = 0.15, seed: int | None = None):
         import ipywidgets as w  # lazy: the package imports without a kernel
 
         lo, hi = (positive_int("depths[0]", depths[0]), positive_int("depths[1]", depths[1]))

@@ -22,7 +22,7 @@ from torch.nn import functional as F
 
 from ._check import positive_float, positive_int
 from .data import Split, batches
-from .device import seed_everything
+from .device import resolve_seed, seed_everything
 from .train import accuracy, make_optimizer
 
 
@@ -155,7 +155,7 @@ class GuardedRun:
 def guarded_train(model: nn.Module, data: Split, *, lr: float, steps: int = 150, batch_size: int = 64,
                   optimizer: str = "sgd", momentum: float = 0.9, max_norm: float | None = None,
                   spike_factor: float = 3.0, spike_window: int = 20, checkpoint_every: int = 10,
-                  keep: int = 3, patience: int = 3, lr_backoff: float = 1.0, seed: int = 0) -> GuardedRun:
+                  keep: int = 3, patience: int = 3, lr_backoff: float = 1.0, seed: int | None = None) -> GuardedRun:
     """Train with cross-entropy like :func:`~gradstab.train.train`, but survive bad steps instead of stopping.
 
     - loss or any gradient non-finite: the update is skipped and reported;
@@ -176,6 +176,7 @@ def guarded_train(model: nn.Module, data: Split, *, lr: float, steps: int = 150,
     positive_int("checkpoint_every", checkpoint_every)
     if max_norm is not None:
         positive_float("max_norm", max_norm)
+    seed = resolve_seed(seed)
     seed_everything(seed)
     model.to(data.device).train()
     opt = make_optimizer(model.parameters(), optimizer, lr, momentum, 0.0)

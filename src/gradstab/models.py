@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ._check import one_of, positive_float, positive_int
+from .device import resolve_seed
 
 NORMS = ("none", "batch", "batch_scratch", "layer")
 INITS = ("he", "xavier")
@@ -154,15 +155,16 @@ class MLP(_Net):
         return self.head(self.features(x))
 
 
-def cnn(depth: int, seed: int = 0, **knobs) -> CNN:
-    """Build a :class:`CNN` with its weights drawn from ``seed`` (same seed, same weights)."""
+def cnn(depth: int, seed: int | None = None, **knobs) -> CNN:
+    """Build a :class:`CNN` with its weights drawn from ``seed`` (same seed, same weights;
+    ``None``: :func:`~gradstab.device.base_seed`)."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.manual_seed(resolve_seed(seed))
         return CNN(depth, **knobs)
 
 
-def mlp(depth: int, seed: int = 0, **knobs) -> MLP:
+def mlp(depth: int, seed: int | None = None, **knobs) -> MLP:
     """Build an :class:`MLP` with its weights drawn from ``seed``."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.manual_seed(resolve_seed(seed))
         return MLP(depth, **knobs)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .device import resolve_seed
 from .monitor import weight_layers
 
 
@@ -54,7 +55,7 @@ class Profile:
 
 
 def signal_profile(model: nn.Module, x: torch.Tensor, layers: list[nn.Module] | None = None,
-                   seed: int = 0) -> Profile:
+                   seed: int | None = None) -> Profile:
     """Send one batch ``x`` forward and one gradient backward; return the RMS at each layer's output.
 
     The backward pass starts from a fixed random direction r ~ N(0, 1) of the model's output
@@ -79,7 +80,7 @@ def signal_profile(model: nn.Module, x: torch.Tensor, layers: list[nn.Module] | 
     finally:
         for h in handles:
             h.remove()
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(resolve_seed(seed))
     direction = torch.randn(out.shape, generator=gen, dtype=out.dtype).to(out.device)
     captured = [outputs[i] for i in range(len(layers))]
     grads = torch.autograd.grad(out, captured, grad_outputs=direction, allow_unused=True)
@@ -114,7 +115,7 @@ def linear_gradient_norms(weights, grad: torch.Tensor | None = None) -> torch.Te
     return torch.stack([gr.norm() for gr in grads]).flip(0).cpu()
 
 
-def gradient_through_time(rnn: nn.RNNBase, x: torch.Tensor, seed: int = 0) -> torch.Tensor:
+def gradient_through_time(rnn: nn.RNNBase, x: torch.Tensor, seed: int | None = None) -> torch.Tensor:
     """For a batch-first ``torch.nn.RNN``/``GRU``/``LSTM``: RMS of d<r, h_T>/dx_t for every time step t.
 
     r is a fixed N(0, 1) direction (seeded) on the last step's output h_T. Entry t of the
@@ -127,6 +128,6 @@ def gradient_through_time(rnn: nn.RNNBase, x: torch.Tensor, seed: int = 0) -> to
         raise ValueError(f"x must have shape (N, T, {rnn.input_size}), got {tuple(x.shape)}")
     x = x.detach().requires_grad_(True)
     last = rnn(x)[0][:, -1]
-    direction = torch.randn(last.shape, generator=torch.Generator().manual_seed(seed), dtype=last.dtype)
+    direction = torch.randn(last.shape, generator=torch.Generator().manual_seed(resolve_seed(seed)), dtype=last.dtype)
     (gx,) = torch.autograd.grad(last, x, grad_outputs=direction.to(last.device))
     return gx.detach().double().pow(2).mean(dim=(0, 2)).sqrt().cpu()

@@ -14,7 +14,7 @@ from torch import nn
 
 from ._check import one_of, positive_float, positive_int
 from .data import Split
-from .device import pick_device
+from .device import pick_device, resolve_seed
 
 CELLS = ("rnn", "lstm", "gru")
 TASKS = ("first", "adding")
@@ -90,10 +90,10 @@ class RecurrentClassifier(nn.Module):
         return self.head(self.states(x)[-1])
 
 
-def rnn(cell: str = "rnn", seed: int = 0, **knobs) -> RecurrentClassifier:
+def rnn(cell: str = "rnn", seed: int | None = None, **knobs) -> RecurrentClassifier:
     """Build a :class:`RecurrentClassifier` with its weights drawn from ``seed``."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.manual_seed(resolve_seed(seed))
         return RecurrentClassifier(cell, **knobs)
 
 
@@ -132,7 +132,7 @@ def _adding(n: int, length: int, gen: torch.Generator) -> tuple[torch.Tensor, to
 
 
 def sequence_task(name: str = "first", length: int = 50, n_train: int = 1024, n_test: int = 512,
-                  symbols: int = 8, seed: int = 0, device=None) -> Split:
+                  symbols: int = 8, seed: int | None = None, device=None) -> Split:
     """A seeded synthetic task whose inputs are (N, length, F) float sequences.
 
     - ``"first"``: one-hot tokens from ``symbols`` symbols (F = symbols); the label is the *first*
@@ -146,9 +146,7 @@ def sequence_task(name: str = "first", length: int = 50, n_train: int = 1024, n_
     positive_int("n_train", n_train)
     positive_int("n_test", n_test)
     positive_int("symbols", symbols, minimum=2)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(resolve_seed(seed))
     n = n_train + n_test
     x, y = _first_token(n, length, symbols, gen) if name == "first" else _adding(n, length, gen)
     split = Split(x[:n_train], y[:n_train], x[n_train:], y[n_train:])

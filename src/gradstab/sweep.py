@@ -20,6 +20,7 @@ from torch.nn import functional as F
 
 from ._check import one_of, positive_float, positive_int
 from .data import Split, batches
+from .device import base_seed
 from .models import CNN, cnn, mlp
 from .monitor import weight_layers
 from .train import History, _check_args, _diagnose, train
@@ -30,11 +31,12 @@ TRAIN_OPTIONS = ("optimizer", "weight_decay", "clip_value", "agc", "warmup", "lo
 ACTIVATIONS = {"relu": F.relu_, "tanh": torch.tanh_, "linear": lambda z: z}  # in place: z is always fresh
 
 
-def sweep(data: Split, lrs, *, depth: int, seeds=(0,), steps: int = 100, batch_size: int = 64,
+def sweep(data: Split, lrs, *, depth: int, seeds=None, steps: int = 100, batch_size: int = 64,
           momentum: float = 0.9, max_norm: float | None = None, arch: str = "cnn", **knobs) -> list[History]:
     """Train ``arch(depth, seed=s, **knobs)`` with SGD at every ``lr`` in ``lrs`` for every ``s`` in ``seeds``.
 
-    Returns one :class:`~gradstab.train.History` per member, lrs-major then seeds, each equal (up to float
+    Returns one :class:`~gradstab.train.History` per member, lrs-major then seeds (``None``: the one seed
+    :func:`~gradstab.device.base_seed`), each equal (up to float
     rounding) to ``train(arch(depth, seed=s, **knobs), data, lr=lr, seed=s, ...)``. ``knobs`` are
     model knobs (width, norm, residual, ...) and may include train options (weight_decay, warmup,
     clip_value, loss_limit, agc, optimizer, activations, updates, evaluate). Members are trained as one
@@ -44,7 +46,7 @@ def sweep(data: Split, lrs, *, depth: int, seeds=(0,), steps: int = 100, batch_s
     """
     one_of("arch", arch, tuple(ARCHS))
     positive_int("depth", depth)
-    lrs, seeds = list(lrs), list(seeds)
+    lrs, seeds = list(lrs), [base_seed()] if seeds is None else list(seeds)
     if not lrs:
         raise ValueError("lrs must hold at least one learning rate, got an empty sequence")
     if not seeds:
@@ -70,7 +72,7 @@ def sweep(data: Split, lrs, *, depth: int, seeds=(0,), steps: int = 100, batch_s
                 evaluate=evaluate, **options)
 
 
-def sweep_grid(data: Split, depths, lrs, variants: dict[str, dict], *, steps: int = 100, seeds=(0,),
+def sweep_grid(data: Split, depths, lrs, variants: dict[str, dict], *, steps: int = 100, seeds=None,
                batch_size: int = 64, momentum: float = 0.9, arch: str = "cnn", workers: int = 1,
                **knobs) -> list[History]:
     """:func:`sweep` for every depth and every named variant (a dict of model knobs and train options).
@@ -87,16 +89,16 @@ def sweep_grid(data: Split, depths, lrs, variants: dict[str, dict], *, steps: in
     if not variants:
         raise ValueError("variants must name at least one variant, e.g. {'plain': {}}")
     positive_int("workers", workers)
-    common = dict(lrs=list(lrs), seeds=list(seeds), steps=steps, batch_size=batch_size, momentum=momentum, arch=arch)
+    common = dict(lrs=list(lrs), seeds=seeds, steps=steps, batch_size=batch_size, momentum=momentum, arch=arch)
     jobs = [(name, dict(depth=depth, **common, **{**knobs, **(variant(depth) if callable(variant) else variant)}))
             for depth in depths for name, variant in variants.items()]
     if workers == 1 or data.device.type != "cpu":
         results = [sweep(data, **job) for _, job in jobs]
     else:
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=torch.set_num_threads,
-                                 initargs=(torch.get_num_threads(),)) as pool:
-            results = list(pool.map(_sweep_job, [data] * len(jobs), [job for _, job in jobs]))
+        threads = [torch.get_num_threads()] * len(jobs)
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            results = list(pool.map(_sweep_job, [data] * len(jobs), [job for _, job in jobs], threads))
     runs = []
     for (name, _), histories in zip(jobs, results, strict=True):
         for history in histories:
@@ -105,8 +107,13 @@ def sweep_grid(data: Split, depths, lrs, variants: dict[str, dict], *, steps: in
     return runs
 
 
-def _sweep_job(data: Split, job: dict) -> list[History]:
-    """One (depth, variant) sweep in a worker process (a top-level function, so it pickles)."""
+def _sweep_job(data: Split, job: dict, threads: int) -> list[History]:
+    """One (depth, variant) sweep in a worker process (a top-level function, so it pickles).
+
+    The thread count is set here, after the worker has imported gradstab (whose import applies
+    ``$GRADSTAB_THREADS``), so the worker rounds exactly as the parent does.
+    """
+    torch.set_num_threads(threads)
     return sweep(data, job.pop("lrs"), **job)
 
 

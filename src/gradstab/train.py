@@ -11,7 +11,7 @@ from torch.nn import functional as F
 
 from ._check import one_of, positive_float, positive_int
 from .data import Split, batches
-from .device import seed_everything
+from .device import resolve_seed, seed_everything
 from .monitor import GradientMonitor
 from .norm import _BatchNorm as _ScratchBatchNorm
 
@@ -104,7 +104,7 @@ def _check_args(model, lr, steps, batch_size, momentum, weight_decay, max_norm, 
 def train(model: nn.Module, data: Split, *, lr: float, steps: int = 150, batch_size: int = 64,
           optimizer: str = "sgd", momentum: float = 0.9, weight_decay: float = 0.0,
           max_norm: float | None = None, clip_value: float | None = None, agc: float | None = None,
-          warmup: int = 0, seed: int = 0, activations: bool = False, updates: bool = False,
+          warmup: int = 0, seed: int | None = None, activations: bool = False, updates: bool = False,
           loss_limit: float = math.inf, progress: bool = False, evaluate: bool = True) -> History:
     """Train ``model`` on ``data`` with cross-entropy for ``steps`` minibatch steps.
 
@@ -114,11 +114,13 @@ def train(model: nn.Module, data: Split, *, lr: float, steps: int = 150, batch_s
     at the first step whose loss or any layer's gradient is non-finite (or whose loss
     exceeds ``loss_limit``, if given); the history says which step and which layer.
     ``evaluate=False`` skips the final train/test accuracy (left as nan). The model is
-    moved to ``data``'s device; the same ``seed`` gives the same history on CPU.
+    moved to ``data``'s device; the same ``seed`` gives the same history on CPU
+    (``None``: :func:`~gradstab.device.base_seed`).
     """
     _check_args(model, lr, steps, batch_size, momentum, weight_decay, max_norm, clip_value, agc, warmup,
                 loss_limit)
     one_of("optimizer", optimizer, OPTIMIZERS)
+    seed = resolve_seed(seed)
     seed_everything(seed)
     torch.set_flush_denormal(True)  # tiny gradients of dead layers would otherwise slow CPUs ~10x
     model.to(data.device).train()
