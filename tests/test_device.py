@@ -80,3 +80,28 @@ def test_bad_thread_env(monkeypatch, raw):
     monkeypatch.setenv("GRADSTAB_THREADS", raw)
     with pytest.raises(ValueError, match="GRADSTAB_THREADS"):
         gs.use_threads()
+
+
+def test_seeds_follow_the_held_out_base(monkeypatch):
+    monkeypatch.delenv("GRADSTAB_SEED", raising=False)
+    assert gs.seeds(3) == [0, 1, 2] and gs.base_seed() == 0
+    monkeypatch.setenv("GRADSTAB_SEED", "1000")
+    assert gs.seeds(2) == [1000, 1001]
+    # every default seed moves with it: the model's weights and the training run's batches
+    assert torch.equal(gs.mlp(2).stem[0].weight, gs.mlp(2, seed=1000).stem[0].weight)
+    assert not torch.equal(gs.mlp(2).stem[0].weight, gs.mlp(2, seed=0).stem[0].weight)
+    data = gs.load_digits().flat()
+    assert gs.train(gs.mlp(2), data, lr=0.1, steps=2, evaluate=False).config["seed"] == 1000
+
+
+@pytest.mark.parametrize("raw", ["-1", "x", "1.5"])
+def test_bad_seed_base_rejected(monkeypatch, raw):
+    monkeypatch.setenv("GRADSTAB_SEED", raw)
+    with pytest.raises(ValueError, match="GRADSTAB_SEED"):
+        gs.seeds(1)
+
+
+@pytest.mark.parametrize("n", [0, -1, 1.5, True])
+def test_seeds_count_checked(n):
+    with pytest.raises(ValueError, match="n must be"):
+        gs.seeds(n)
