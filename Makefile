@@ -41,7 +41,7 @@ NBMAKE := $(VENV)/bin/pytest -q -p no:cacheprovider --nbmake --nbmake-timeout=30
 env_native   :=
 env_avx2     := ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
 env_noavx    := ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=SSE4_2 ONEDNN_MAX_CPU_ISA=SSE41
-env_threads2 := GRADSTAB_THREADS=2
+env_threads2 := GRADSTAB_THREADS=2 OMP_WAIT_POLICY=PASSIVE   # passive: idle threads sleep, never spin
 env_heldout  := GRADSTAB_SEED=1000
 jobs_threads2 :=                # 2 threads each: one notebook at a time, or the 2 cores are oversubscribed
 jobs_default  := -n 2           # 1 thread each: two notebooks at a time

@@ -62,3 +62,9 @@ def test_claim_median(capsys):
 def test_claim_seeds_bad_arguments(kwargs, name):
     with pytest.raises(ValueError, match=name):
         gs.claim_seeds(statement="x", **kwargs)
+
+
+def test_pooled_values_name_their_unit(capsys):
+    gs.claim_seeds([1.0, 2.0, 3.0, 4.0], "pooled", high=5, unit="runs")
+    assert "4 of 4 runs at most 5" in capsys.readouterr().out
+    assert str(gs.spread([1.0, 3.0], unit="runs")).endswith("over 2 runs")

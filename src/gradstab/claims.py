@@ -35,6 +35,7 @@ class Spread:
     """Summary of one quantity measured once per seed: ``n`` values, their median and range."""
 
     values: tuple[float, ...]
+    unit: str = "seeds"
 
     @property
     def n(self) -> int:
@@ -53,26 +54,30 @@ class Spread:
         return max(self.values)
 
     def __str__(self) -> str:
-        return f"median {self.median:.4g}, range {self.low:.4g} to {self.high:.4g} over {self.n} seeds"
+        return f"median {self.median:.4g}, range {self.low:.4g} to {self.high:.4g} over {self.n} {self.unit}"
 
 
-def spread(values: Sequence[float]) -> Spread:
+def spread(values: Sequence[float], unit: str = "seeds") -> Spread:
     """The :class:`Spread` of per-seed ``values`` (numbers, or bools counted as 1/0; nan allowed).
+
+    ``unit`` names what was counted, for the printed line: "seeds", or "runs" when several
+    settings' seeds are pooled.
 
     Raises ValueError if ``values`` is empty.
     """
     values = tuple(float(v) for v in values)
     if not values:
         raise ValueError("values must hold one value per seed, got an empty sequence")
-    return Spread(values)
+    return Spread(values, unit)
 
 
 def claim_seeds(values: Sequence[float | bool], statement: str, *, low: float = -math.inf,
-                high: float = math.inf, k: int | None = None) -> Spread:
+                high: float = math.inf, k: int | None = None, unit: str = "seeds") -> Spread:
     """Claim that at least ``k`` (default: all) of the per-seed ``values`` lie in ``[low, high]``.
 
     ``values`` holds one number per seed, or one bool per seed (True counts as holding; leave
-    ``low``/``high`` unset). A nan never lies in the range. The printed line gives ``k of n`` seeds,
+    ``low``/``high`` unset); ``unit`` says what they count ("runs" when several settings' seeds are
+    pooled). A nan never lies in the range. The printed line gives ``k of n`` seeds,
     the range asked for and the measured spread, e.g.
     ``✓ clipping keeps the run finite: 5 of 5 seeds (range 0 to 0 ...)``. Returns the :class:`Spread`.
     Raises ValueError for an empty ``values``, ``k`` outside 1..n or ``low > high``.
@@ -82,7 +87,7 @@ def claim_seeds(values: Sequence[float | bool], statement: str, *, low: float = 
         raise ValueError("low and high apply to numbers; for bools leave them unset")
     if flags:
         low = high = 1.0  # True holds, False does not
-    s = spread(values)
+    s = spread(values, unit)
     k = s.n if k is None else k
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= s.n:
         raise ValueError(f"k must be an integer from 1 to the number of seeds ({s.n}), got {k!r}")
@@ -90,17 +95,17 @@ def claim_seeds(values: Sequence[float | bool], statement: str, *, low: float = 
         raise ValueError(f"low must not exceed high, got low={low}, high={high}")
     hits = sum(low <= v <= high for v in s.values)
     bounds = "" if flags else _bounds(low, high)
-    detail = f"{hits} of {s.n} seeds" + (f" {bounds}; {s}" if bounds else "")
+    detail = f"{hits} of {s.n} {unit}" + (f" {bounds}; {s}" if bounds else "")
     claim(hits >= k, f"{statement} ({detail}{'' if k == s.n else f'; needed {k}'})")
     return s
 
 
-def claim_median(values: Sequence[float], low: float, high: float, statement: str) -> Spread:
+def claim_median(values: Sequence[float], low: float, high: float, statement: str, unit: str = "seeds") -> Spread:
     """Claim that the median of the per-seed ``values`` lies in ``[low, high]``; prints the spread.
 
     Use it for a typical value ("about 30%") whose seeds scatter around it. Returns the :class:`Spread`.
     """
-    s = spread(values)
+    s = spread(values, unit)
     claim(low <= s.median <= high, f"{statement} ({s}; median expected {low:.4g} to {high:.4g})")
     return s
 
