@@ -2,10 +2,12 @@
 
 M members are stacked into one wide network: member m owns channels ``m*W .. m*W+W-1`` of every
 hidden layer. Convolutions are grouped (``groups=M``), so no member sees another's channels;
-BatchNorm over M*W channels is per-member BatchNorm; the M heads are one batched matmul. Every
-parameter of member m lives in row m of one (M, P) matrix ``theta``, so per-member SGD with
-momentum, global-norm clipping and per-layer gradient norms are whole-matrix operations. A member
-whose loss or gradient turns non-finite is retired (its row removed) and the others go on untouched.
+BatchNorm over M*W channels is per-member BatchNorm; the M heads are one batched matmul; a SkipInit
+gain is one scalar per member and block, spread over that member's channels. Every parameter of
+member m lives in row m of one (M, P) matrix ``theta``, so per-member SGD (momentum, coupled weight
+decay, warmup) or Adam, clipping (global norm, value, unit-wise AGC) and per-layer gradient norms are
+whole-matrix operations. A member whose loss or gradient turns non-finite is retired (its row
+removed) and the others go on untouched.
 """
 from __future__ import annotations
 
@@ -13,17 +15,19 @@ import math
 import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor
+from functools import cached_property
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from ._check import one_of, positive_float, positive_int
+from .clip import agc_parameters
 from .data import Split, batches
 from .device import base_seed
 from .models import CNN, cnn, mlp
 from .monitor import weight_layers
-from .train import History, _check_args, _diagnose, train
+from .train import OPTIMIZERS, History, _check_args, _diagnose, train
 
 ARCHS = {"cnn": cnn, "mlp": mlp}
 TRAIN_OPTIONS = ("optimizer", "weight_decay", "clip_value", "agc", "warmup", "loss_limit", "activations", "updates",
@@ -33,15 +37,16 @@ ACTIVATIONS = {"relu": F.relu_, "tanh": torch.tanh_, "linear": lambda z: z}  # i
 
 def sweep(data: Split, lrs, *, depth: int, seeds=None, steps: int = 100, batch_size: int = 64,
           momentum: float = 0.9, max_norm: float | None = None, arch: str = "cnn", **knobs) -> list[History]:
-    """Train ``arch(depth, seed=s, **knobs)`` with SGD at every ``lr`` in ``lrs`` for every ``s`` in ``seeds``.
+    """Train ``arch(depth, seed=s, **knobs)`` at every ``lr`` in ``lrs`` for every ``s`` in ``seeds``.
 
     Returns one :class:`~gradstab.train.History` per member, lrs-major then seeds (``None``: the one seed
     :func:`~gradstab.device.base_seed`), each equal (up to float
     rounding) to ``train(arch(depth, seed=s, **knobs), data, lr=lr, seed=s, ...)``. ``knobs`` are
     model knobs (width, norm, residual, ...) and may include train options (weight_decay, warmup,
     clip_value, loss_limit, agc, optimizer, activations, updates, evaluate). Members are trained as one
-    batched network when that covers the setting (norm "none"/"batch", no skipinit, no dropout,
-    SGD, no agc, no activation or update statistics), else one by one with :func:`~gradstab.train.train`.
+    batched network when that covers the setting (norm "none"/"batch", no dropout, no activation or
+    update statistics; any optimizer, clipping, weight decay, warmup, residual or skipinit), else one
+    by one with :func:`~gradstab.train.train`.
     Each History's ``seconds`` is the batched run's time divided by the number of members.
     """
     one_of("arch", arch, tuple(ARCHS))
@@ -118,9 +123,10 @@ def _sweep_job(data: Split, job: dict, threads: int) -> list[History]:
 
 
 def _batchable(model: nn.Module, options: dict) -> bool:
+    """Whether :class:`Stack` reproduces ``train(model, **options)``. Dropout cannot: its masks would come
+    from one random stream, not from each member's own."""
     c = model.config
-    return (c["norm"] in ("none", "batch") and not c["skipinit"] and c["dropout"] == 0
-            and options.get("optimizer", "sgd") == "sgd" and options.get("agc") is None
+    return (c["norm"] in ("none", "batch") and c["dropout"] == 0 and options.get("optimizer", "sgd") in OPTIMIZERS
             and not options.get("activations") and not options.get("updates"))
 
 
@@ -140,13 +146,22 @@ class Stack:
         bn = next((m for m in ref.modules() if isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d)), None)
         self.bn = (bn.momentum, bn.eps) if bn is not None else None
         self.names = [name for name, _ in weight_layers(ref)]
-        self.spans = self._layer_spans(named)
+        self.spans, self.owner = self._layer_spans(named)
+        self._named, self._agc = named, {id(p) for p in agc_parameters(ref)}
 
-    def _layer_spans(self, named) -> list[list[tuple[int, int]]]:
-        """For each weight layer, the column ranges of ``theta`` holding its parameters."""
+    @cached_property
+    def units(self) -> _Units:
+        """The units of adaptive gradient clipping (built on first use)."""
+        return _Units(self._named, self._agc)
+
+    def _layer_spans(self, named) -> tuple[list[tuple[int, int]], torch.Tensor]:
+        """The column ranges of ``theta`` holding each weight layer's parameters, and their layers' indices."""
         starts = torch.tensor([0, *self.sizes]).cumsum(0).tolist()
-        owner = [name.rsplit(".", 1)[0] for name, _ in named]
-        return [[(starts[i], starts[i + 1]) for i, o in enumerate(owner) if o == layer] for layer in self.names]
+        layer = {name: i for i, name in enumerate(self.names)}
+        owned = [(i, layer[name.rsplit(".", 1)[0]]) for i, (name, _) in enumerate(named)
+                 if name.rsplit(".", 1)[0] in layer]
+        spans = [(starts[i], starts[i + 1]) for i, _ in owned]
+        return spans, torch.tensor([j for _, j in owned], device=self.theta.device)
 
     def select(self, keep: torch.Tensor) -> None:
         """Keep only the members (rows) listed in ``keep``."""
@@ -154,9 +169,11 @@ class Stack:
         self.stats = {n: s[keep] for n, s in self.stats.items()}
 
     def layer_norms(self, g: torch.Tensor) -> torch.Tensor:
-        """(M, layers) 2-norms of each member's per-layer gradient, as GradientMonitor computes them."""
+        """(M, layers) 2-norms of each member's per-layer gradient, as GradientMonitor computes them: each
+        parameter's norm, in float32, then the root of the sum of their squares over the layer."""
         sq = g.square()
-        return torch.stack([sum(sq[:, a:b].sum(1) for a, b in spans) for spans in self.spans], 1).sqrt()
+        norms = torch.stack([sq[:, a:b].sum(1) for a, b in self.spans], 1).sqrt().float()
+        return norms.new_zeros(len(g), len(self.names)).index_add_(1, self.owner, norms.square()).sqrt()
 
     def params(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
         cols = theta.split(self.sizes, dim=1)
@@ -174,10 +191,18 @@ class Stack:
                                  p[f"blocks.{i}.norm.weight"].reshape(-1), p[f"blocks.{i}.norm.bias"].reshape(-1),
                                  training, *self.bn)
             z = act(z)
-            h = h + c["branch_scale"] * z if c["residual"] else z
+            h = h + self._branch_scale(p, i, z) * z if c["residual"] else z
         if self.conv:
             h = h.mean((2, 3))
         return torch.einsum("nmw,mkw->nmk", h.view(len(h), len(theta), -1), p["head.weight"]) + p["head.bias"]
+
+    def _branch_scale(self, p: dict, i: int, z: torch.Tensor):
+        """Block i's residual scale: the fixed ``branch_scale``, or with skipinit each member's learned gain
+        ``blocks.i.alpha`` (M,) repeated over its W channels, shaped to broadcast against ``z`` (N, M*W, ...)."""
+        if not self.config["skipinit"]:
+            return self.config["branch_scale"]
+        alpha = p[f"blocks.{i}.alpha"].repeat_interleave(self.config["width"])
+        return alpha.view(-1, *[1] * (z.ndim - 2))
 
     def _map(self, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         """Each member's conv (or linear) map; ``w`` is (M, out, in, ...), ``h`` holds 1 or M groups of ``in``."""
@@ -197,6 +222,90 @@ class Stack:
         right = sum((self.forward(self.theta, xc, False).argmax(2) == yc[:, None]).sum(0)
                     for xc, yc in zip(x.split(chunk), y.split(chunk), strict=True))
         return right.float() / len(y)
+
+
+class _Units:
+    """The units of adaptive gradient clipping, as :func:`~gradstab.clip.unitwise_norm` sees them.
+
+    A unit is one output row of a weight with ndim >= 2, or a whole bias/gain/scalar; only the parameters
+    of :func:`~gradstab.clip.agc_parameters` (all but the head) are clipped. The same parameter of every
+    block (``blocks.i.layer.weight`` for all i) sits at equally spaced columns of ``theta``, so each such
+    family is one strided view (M, copies, units, L) of a row-major (M, P) matrix: ``families`` holds
+    (offset, spacing, copies, units, L) for each.
+    """
+
+    def __init__(self, named, clipped: set[int]):
+        found, start = {}, 0
+        for name, p in named:
+            if id(p) in clipped:
+                key = (name.split(".", 2)[-1] if name.startswith("blocks.") else name, tuple(p.shape))
+                found.setdefault(key, []).append(start)
+            start += p.numel()
+        self.families = []
+        for (_, shape), offsets in found.items():
+            size, units = math.prod(shape), shape[0] if len(shape) >= 2 else 1
+            gaps = {b - a for a, b in zip(offsets[:-1], offsets[1:], strict=True)}
+            if len(gaps) <= 1:  # equally spaced (or a single copy): one view
+                self.families.append((offsets[0], gaps.pop() if gaps else size, len(offsets), units, size // units))
+            else:
+                self.families += [(o, size, 1, units, size // units) for o in offsets]
+
+    def _view(self, x: torch.Tensor, family) -> torch.Tensor:
+        offset, spacing, copies, units, length = family
+        return x.as_strided((len(x), copies, units, length), (x.stride(0), spacing, length, 1),
+                            x.storage_offset() + offset)
+
+    def clip(self, theta: torch.Tensor, g: torch.Tensor, factor: float, eps: float = 1e-3) -> torch.Tensor:
+        """AGC of every member's gradient row ``g`` (M, P; clipped in place), as
+        ``adaptive_clip_grad_(agc_parameters(model), factor)`` does it: a unit whose gradient norm exceeds
+        ``factor * max(||weight unit||, eps)`` is scaled down to that norm."""
+        theta, g = theta.contiguous(), g.contiguous()
+        for family in self.families:
+            grad = self._view(g, family)
+            limit = torch.linalg.vector_norm(self._view(theta, family), dim=3, keepdim=True).clamp(min=eps) * factor
+            norm = torch.linalg.vector_norm(grad, dim=3, keepdim=True)
+            grad.mul_(torch.where(norm > limit, limit / norm.clamp(min=torch.finfo(norm.dtype).tiny), 1.0))
+        return g
+
+
+class _Optimizer:
+    """``torch.optim.SGD`` (momentum, coupled weight decay) or ``Adam`` on every row of ``theta`` (M, P).
+
+    Its state (SGD's momentum buffer, Adam's two moments) is (M, P) matrices; ``lrs`` (a list) and ``rates``
+    (an (M,) tensor) are the live members' learning rates. Adam's step count is shared: every member alive
+    has taken every step.
+    """
+
+    def __init__(self, name: str, theta: torch.Tensor, lrs: list[float], momentum: float, weight_decay: float):
+        self.name, self.momentum, self.weight_decay, self.count = name, momentum, weight_decay, 0
+        self.lrs, self.rates = list(lrs), torch.tensor(lrs, dtype=theta.dtype, device=theta.device)
+        self.state = [torch.zeros_like(theta) for _ in range(1 if name == "sgd" else 2)]
+
+    def select(self, keep: torch.Tensor) -> None:
+        """Keep only the members (rows) listed in ``keep``."""
+        self.lrs, self.rates = [self.lrs[j] for j in keep.tolist()], self.rates[keep]
+        self.state = [s[keep] for s in self.state]
+
+    def step(self, theta: torch.Tensor, g: torch.Tensor, warm: float) -> None:
+        """Update ``theta`` (M, P) in place along ``g`` (M, P; consumed), every learning rate times ``warm``."""
+        if self.weight_decay:
+            g = g.add_(self.weight_decay * theta)
+        if self.name == "adam":
+            self._adam(theta, g, warm)
+        else:
+            if self.momentum:  # the first step's buffer is g itself, as 0 * momentum + g
+                g = self.state[0].mul_(self.momentum).add_(g)
+            theta.sub_((self.rates * warm)[:, None] * g)
+
+    def _adam(self, theta, g, warm, betas=(0.9, 0.999), eps=1e-8):
+        """torch.optim.Adam's step (its single-tensor form, defaults), each row with its own step size."""
+        self.count += 1
+        avg, avg_sq = self.state
+        avg.lerp_(g, 1 - betas[0])
+        avg_sq.mul_(betas[1]).addcmul_(g, g, value=1 - betas[1])
+        denom = (avg_sq.sqrt() / (1 - betas[1] ** self.count) ** 0.5).add_(eps)
+        for row, a, d, lr in zip(theta, avg, denom, self.lrs, strict=True):  # addcdiv_ takes one scalar
+            row.addcdiv_(a, d, value=-(lr * warm) / (1 - betas[0] ** self.count))
 
 
 class _Names:
@@ -222,74 +331,101 @@ def _inputs(data: Split, order: torch.Tensor, seed_of: torch.Tensor):
 
 def _fit(stack: Stack, data: Split, lrs, seeds, *, steps, batch_size, momentum, max_norm, optimizer,
          weight_decay, clip_value, agc, warmup, loss_limit, evaluate) -> list[History]:
+    """Train the M members of ``stack`` (lrs and seeds: (M,)) together, as :func:`~gradstab.train.train` does each."""
     torch.set_flush_denormal(True)
-    dev, n_members, n_layers = data.device, len(lrs), len(stack.names)
-    unique = sorted(set(seeds))
-    n = len(data.y_train)
-    schedule = torch.stack([torch.stack(list(batches(n, min(batch_size, n), steps, s))) for s in unique]).to(dev)
-    seed_of = torch.tensor([unique.index(s) for s in seeds], device=dev)
-    lr = torch.tensor(lrs, dtype=stack.theta.dtype, device=dev)
-    alive = torch.arange(n_members, device=dev)
-    buf, previous = torch.zeros_like(stack.theta), None
-    final_theta, final_stats = stack.theta.clone(), {k: v.clone() for k, v in stack.stats.items()}
-    loss_rows, norm_rows = [], []
-    taken, outcome = [steps] * n_members, [{} for _ in range(n_members)]
-    labels = _Names(stack.names)
+    schedule, seed_of = _schedule(data, seeds, batch_size, steps)
+    opt, log = _Optimizer(optimizer, stack.theta, lrs, momentum, weight_decay), _Log(stack, steps)
+    alive, previous = torch.arange(len(lrs), device=data.device), None
     start = time.perf_counter()
     for step in range(steps):
-        x, y = _inputs(data, schedule[:, step], seed_of[alive] if len(unique) > 1 else None)
+        x, y = _inputs(data, schedule[:, step], None if seed_of is None else seed_of[alive])
         theta = stack.theta.requires_grad_()
         logits = stack.forward(theta, x, training=True)
         losses = F.cross_entropy(logits.transpose(1, 2), y.expand(-1, len(alive)), reduction="none").mean(0)
         (g,) = torch.autograd.grad(losses.sum(), theta)
         stack.theta = theta.detach()
         losses, norms = losses.detach(), stack.layer_norms(g)
-        loss_rows.append(losses.new_full((n_members,), math.nan).index_put_((alive,), losses))
-        norm_rows.append(norms.new_full((n_members, n_layers), math.nan).index_put_((alive,), norms))
+        log.record(alive, losses, norms)
         ok = torch.isfinite(norms).all(1) & torch.isfinite(losses) & (losses <= loss_limit)
         if not bool(ok.all()):  # the one host sync per step
-            for j in (~ok).nonzero().flatten().tolist():
-                m = int(alive[j])
-                taken[m], final_theta[m] = step + 1, stack.theta[j]
-                for k, v in stack.stats.items():
-                    final_stats[k][m] = v[j]
-                prev = None if previous is None else previous[j]
-                outcome[m] = _diagnose(step, float(losses[j]), norms[j], prev, labels, loss_limit)
+            log.retire(stack, alive, ~ok, step, losses, norms, previous, loss_limit)
             keep = ok.nonzero().flatten()
             stack.select(keep)
-            alive, g, buf, norms = alive[keep], g[keep], buf[keep], norms[keep]
+            opt.select(keep)
+            alive, g, norms = alive[keep], g[keep], norms[keep]
             if not len(alive):
                 break
         previous = norms
-        g = _clipped(g, max_norm, clip_value)
-        if weight_decay:
-            g = g + weight_decay * stack.theta
-        buf = buf.mul_(momentum).add_(g) if momentum else g
-        rate = lr[alive] * (min(1.0, (step + 1) / warmup) if warmup else 1.0)
-        stack.theta = stack.theta - rate[:, None] * buf
-    seconds = (time.perf_counter() - start) / n_members
-    final_theta[alive] = stack.theta
-    for k, v in stack.stats.items():
-        final_stats[k][alive] = v
-    stack.theta, stack.stats = final_theta, final_stats
-    skipped = [math.nan] * n_members
-    test_acc = stack.accuracy(data.x_test, data.y_test).tolist() if evaluate else skipped
-    train_acc = stack.accuracy(data.x_train, data.y_train).tolist() if evaluate else skipped
-    loss_rows, norm_rows = torch.stack(loss_rows).cpu(), torch.stack(norm_rows).cpu()
+        g = _clipped(stack, g, max_norm, clip_value, agc)
+        opt.step(stack.theta, g, min(1.0, (step + 1) / warmup) if warmup else 1.0)
+    seconds = (time.perf_counter() - start) / len(lrs)
+    log.finish(stack, alive)
     config = dict(steps=steps, batch_size=batch_size, optimizer=optimizer, momentum=momentum,
                   weight_decay=weight_decay, max_norm=max_norm, clip_value=clip_value, agc=agc, warmup=warmup)
-    empty = torch.zeros(0, n_layers)
-    return [History(loss=loss_rows[: taken[m], m].tolist(), layer_names=list(stack.names),
-                    grad_norms=norm_rows[: taken[m], m], act_grad_norms=empty, update_ratios=empty,
-                    test_accuracy=test_acc[m], train_accuracy=train_acc[m], seconds=seconds,
-                    config=dict(lr=lrs[m], **config, seed=seeds[m], **stack.config), **outcome[m])
-            for m in range(n_members)]
+    return log.histories(stack, data, evaluate, seconds, [dict(lr=lr, **config, seed=seed, **stack.config)
+                                                          for lr, seed in zip(lrs, seeds, strict=True)])
 
 
-def _clipped(g: torch.Tensor, max_norm: float | None, clip_value: float | None) -> torch.Tensor:
-    """Per-member clipping by global norm (as torch.nn.utils.clip_grad_norm_), then by value."""
+def _schedule(data: Split, seeds, batch_size: int, steps: int):
+    """Minibatch indices (S, steps, N) of the S distinct seeds, and each member's row in it (M,) (None if S = 1)."""
+    unique, n = sorted(set(seeds)), len(data.y_train)
+    schedule = torch.stack([torch.stack(list(batches(n, min(batch_size, n), steps, s))) for s in unique])
+    seed_of = torch.tensor([unique.index(s) for s in seeds], device=data.device) if len(unique) > 1 else None
+    return schedule.to(data.device), seed_of
+
+
+class _Log:
+    """What each of M members did: per-step loss (M,) and layer-norm (M, layers) rows, nan once it retired;
+    its step count and how it ended; its parameters and BatchNorm statistics when it retired or finished."""
+
+    def __init__(self, stack: Stack, steps: int):
+        m = len(stack.theta)
+        self.losses, self.norms, self.taken, self.outcome = [], [], [steps] * m, [{} for _ in range(m)]
+        self.theta, self.stats = stack.theta.clone(), {k: v.clone() for k, v in stack.stats.items()}
+        self.labels = _Names(stack.names)
+
+    def record(self, alive: torch.Tensor, losses: torch.Tensor, norms: torch.Tensor) -> None:
+        n = len(self.taken)
+        self.losses.append(losses.new_full((n,), math.nan).index_put_((alive,), losses))
+        self.norms.append(norms.new_full((n, norms.shape[1]), math.nan).index_put_((alive,), norms))
+
+    def retire(self, stack, alive, bad, step, losses, norms, previous, loss_limit) -> None:
+        """Keep the state and the diagnosis of the rows ``bad`` (a mask over the live rows) at ``step``."""
+        for j in bad.nonzero().flatten().tolist():
+            m = int(alive[j])
+            self.taken[m], self.theta[m] = step + 1, stack.theta[j]
+            for k, v in stack.stats.items():
+                self.stats[k][m] = v[j]
+            prev = None if previous is None else previous[j]
+            self.outcome[m] = _diagnose(step, float(losses[j]), norms[j], prev, self.labels, loss_limit)
+
+    def finish(self, stack: Stack, alive: torch.Tensor) -> None:
+        """Put every member's final state back into ``stack`` (retired members as they were when they stopped)."""
+        self.theta[alive] = stack.theta
+        for k, v in stack.stats.items():
+            self.stats[k][alive] = v
+        stack.theta, stack.stats = self.theta, self.stats
+
+    def histories(self, stack: Stack, data: Split, evaluate: bool, seconds: float, configs) -> list[History]:
+        skipped = [math.nan] * len(configs)
+        test_acc = stack.accuracy(data.x_test, data.y_test).tolist() if evaluate else skipped
+        train_acc = stack.accuracy(data.x_train, data.y_train).tolist() if evaluate else skipped
+        losses, norms = torch.stack(self.losses).cpu(), torch.stack(self.norms).cpu()
+        empty = torch.zeros(0, len(stack.names))
+        return [History(loss=losses[:t, m].tolist(), layer_names=list(stack.names), grad_norms=norms[:t, m],
+                        act_grad_norms=empty, update_ratios=empty, test_accuracy=test_acc[m],
+                        train_accuracy=train_acc[m], seconds=seconds, config=config, **self.outcome[m])
+                for m, (t, config) in enumerate(zip(self.taken, configs, strict=True))]
+
+
+def _clipped(stack: Stack, g: torch.Tensor, max_norm: float | None, clip_value: float | None,
+             agc: float | None) -> torch.Tensor:
+    """Each member's gradient row clipped as train() clips: by global norm (as torch.nn.utils.clip_grad_norm_),
+    then by value, then unit-wise (AGC)."""
     if max_norm is not None:
         g = g * (max_norm / (g.norm(dim=1, keepdim=True) + 1e-6)).clamp(max=1.0)
     if clip_value is not None:
         g = g.clamp(-clip_value, clip_value)
+    if agc is not None:
+        g = stack.units.clip(stack.theta, g, agc)
     return g
