@@ -150,7 +150,7 @@ class Stack:
         self._named, self._agc = named, {id(p) for p in agc_parameters(ref)}
 
     @cached_property
-    def units(self) -> _Units:
+    def _units(self) -> _Units:
         """The units of adaptive gradient clipping (built on first use)."""
         return _Units(self._named, self._agc)
 
@@ -427,5 +427,5 @@ def _clipped(stack: Stack, g: torch.Tensor, max_norm: float | None, clip_value: 
     if clip_value is not None:
         g = g.clamp(-clip_value, clip_value)
     if agc is not None:
-        g = stack.units.clip(stack.theta, g, agc)
+        g = stack._units.clip(stack.theta, g, agc)
     return g
