@@ -31,13 +31,13 @@ unit: setup
 	$(VENV)/bin/pytest -q tests --ignore=tests/browser
 
 notebooks: setup
-	$(VENV)/bin/pytest -q -n 2 --nbmake --nbmake-timeout=300 book   # two notebooks at a time, one thread each
+	$(NBMAKE) $(jobs_default) book   # two notebooks at a time, one thread each
 
 ## portability: the unit tests and every notebook again under each other CPU profile, then the
 ## notebooks on held-out seeds. A claim that holds only on one CPU or for one seed fails here.
 ## One profile alone: `make profile-noavx` (NB=book/ch2_2_prevention.ipynb for one notebook).
 NB ?= book
-NBMAKE := $(VENV)/bin/pytest -q -p no:cacheprovider --nbmake --nbmake-timeout=300
+NBMAKE := $(VENV)/bin/pytest -q -p no:cacheprovider --nbmake --nbmake-timeout=300 --durations=0
 env_native   :=
 env_avx2     := ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
 env_noavx    := ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=SSE4_2 ONEDNN_MAX_CPU_ISA=SSE41
