@@ -22,8 +22,8 @@ def test_claim_between_shows_value_and_bounds(capsys):
 def test_claim_seeds_all_by_default(capsys):
     s = gs.claim_seeds([0.25, 0.3, 0.31], "shrink", low=0.2, high=0.35)
     out = capsys.readouterr().out
-    assert "3 of 3 seeds in [0.2, 0.35]" in out and "median 0.3, range 0.25 to 0.31 over 3 seeds" in out
-    assert (s.n, s.median, s.low, s.high) == (3, 0.3, 0.25, 0.31)
+    assert "3 of 3 seeds in [0.2, 0.35]" in out and "median 0.3, mean 0.2867, range 0.25 to 0.31 over 3 seeds" in out
+    assert (s.n, s.median, s.low, s.high) == (3, 0.3, 0.25, 0.31) and abs(s.mean - 0.86 / 3) < 1e-12
     with pytest.raises(gs.ClaimFailed, match="2 of 3 seeds"):
         gs.claim_seeds([0.25, 0.3, 0.5], "shrink", low=0.2, high=0.35)
 

@@ -32,7 +32,7 @@ def claim_between(value: float, low: float, high: float, statement: str) -> None
 
 @dataclass(frozen=True)
 class Spread:
-    """Summary of one quantity measured once per seed: ``n`` values, their median and range."""
+    """Summary of one quantity measured once per seed: ``n`` values, their median, mean and range."""
 
     values: tuple[float, ...]
     unit: str = "seeds"
@@ -46,6 +46,10 @@ class Spread:
         return statistics.median(self.values)
 
     @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values)
+
+    @property
     def low(self) -> float:
         return min(self.values)
 
@@ -54,7 +58,8 @@ class Spread:
         return max(self.values)
 
     def __str__(self) -> str:
-        return f"median {self.median:.4g}, range {self.low:.4g} to {self.high:.4g} over {self.n} {self.unit}"
+        return (f"median {self.median:.4g}, mean {self.mean:.4g}, range {self.low:.4g} to {self.high:.4g} "
+                f"over {self.n} {self.unit}")
 
 
 def spread(values: Sequence[float], unit: str = "seeds") -> Spread:
