@@ -8,6 +8,18 @@ export PYTHONHASHSEED := 0
 
 .PHONY: setup book test unit notebooks portability strict-book browser bench lab lint clean
 
+# The commands that run the tests, and the profiles of the portability check (see `portability` below).
+UNIT   := $(VENV)/bin/pytest -q -p no:cacheprovider tests --ignore=tests/browser
+NB     ?= book
+NBMAKE := $(VENV)/bin/pytest -q -p no:cacheprovider --nbmake --nbmake-timeout=300 --durations=0
+env_native   :=
+env_avx2     := ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
+env_noavx    := ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=SSE4_2 ONEDNN_MAX_CPU_ISA=SSE41
+env_threads2 := GRADSTAB_THREADS=2 OMP_WAIT_POLICY=PASSIVE   # passive: idle threads sleep, never spin
+env_heldout  := GRADSTAB_SEED=1000
+jobs_threads2 :=                # 2 threads each: one notebook at a time, or the 2 cores are oversubscribed
+jobs_default  := -n 2           # 1 thread each: two notebooks at a time
+
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
@@ -21,14 +33,15 @@ book: setup
 	$(JB) build . --warningiserror --nitpick --keep-going
 	@echo "The book is at file://$(CURDIR)/$(HTML)"
 
-## test: set up, then unit tests, every notebook under nbmake, a strict book build and the browser test
+## test: set up, then unit tests, every notebook under nbmake, the portability check, a strict book build
+## and the browser test
 test: setup lint unit notebooks portability strict-book browser
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench
 
 unit: setup
-	$(VENV)/bin/pytest -q tests --ignore=tests/browser
+	$(UNIT)
 
 notebooks: setup
 	$(NBMAKE) $(jobs_default) book   # two notebooks at a time, one thread each
@@ -36,21 +49,11 @@ notebooks: setup
 ## portability: the unit tests and every notebook again under each other CPU profile, then the
 ## notebooks on held-out seeds. A claim that holds only on one CPU or for one seed fails here.
 ## One profile alone: `make profile-noavx` (NB=book/ch2_2_prevention.ipynb for one notebook).
-NB ?= book
-NBMAKE := $(VENV)/bin/pytest -q -p no:cacheprovider --nbmake --nbmake-timeout=300 --durations=0
-env_native   :=
-env_avx2     := ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
-env_noavx    := ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=SSE4_2 ONEDNN_MAX_CPU_ISA=SSE41
-env_threads2 := GRADSTAB_THREADS=2 OMP_WAIT_POLICY=PASSIVE   # passive: idle threads sleep, never spin
-env_heldout  := GRADSTAB_SEED=1000
-jobs_threads2 :=                # 2 threads each: one notebook at a time, or the 2 cores are oversubscribed
-jobs_default  := -n 2           # 1 thread each: two notebooks at a time
-
 portability: profile-avx2 profile-noavx profile-threads2 profile-heldout
 
 profile-%: setup
 	@echo "== profile $*: $(or $(env_$*),native kernels, 1 thread, seed 0)"
-	$(if $(filter heldout,$*),,env $(env_$*) $(VENV)/bin/pytest -q -p no:cacheprovider tests --ignore=tests/browser)
+	$(if $(filter heldout,$*),,env $(env_$*) $(UNIT))
 	env $(env_$*) $(NBMAKE) $(if $(filter threads2,$*),$(jobs_threads2),$(jobs_default)) $(NB)
 
 strict-book: setup

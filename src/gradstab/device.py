@@ -7,6 +7,8 @@ import random
 import numpy as np
 import torch
 
+from ._check import positive_int
+
 ENV_VAR = "GRADSTAB_DEVICE"
 THREADS_VAR = "GRADSTAB_THREADS"
 SEED_VAR = "GRADSTAB_SEED"
@@ -70,8 +72,7 @@ def seeds(n: int) -> list[int]:
     >>> seeds(3)  # with GRADSTAB_SEED unset
     [0, 1, 2]
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be an integer >= 1, got {n!r}")
+    positive_int("n", n)
     start = base_seed()
     return list(range(start, start + n))
 
