@@ -1,7 +1,7 @@
 """Whole-book execution under nbmake: as `make test` runs it (two at a time), then each notebook alone.
 
 The first `pytest -n 2 --nbmake --durations=0` run gives the wall time of the whole book (each notebook on one
-CPU thread, see gradstab.use_threads, beside one other notebook on the second core). The second run executes the
+CPU thread, see gradstab.configure_cpu, beside one other notebook on the second core). The second run executes the
 notebooks one after another, so each notebook's duration is its time alone on the machine.
 """
 from __future__ import annotations

@@ -8,7 +8,9 @@ import time
 import torch
 from torch.nn import functional as F
 
-import gradstab  # noqa: F401  (sets torch's thread count: 1, or $GRADSTAB_THREADS)
+import gradstab
+
+gradstab.configure_cpu()  # as the book runs: one thread (or $GRADSTAB_THREADS), subnormals flushed
 
 
 def device() -> torch.device:

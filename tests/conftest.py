@@ -4,6 +4,8 @@ import pytest
 
 import gradstab as gs
 
+gs.configure_cpu()  # the settings the book runs with: one thread (unless $GRADSTAB_THREADS), subnormals flushed
+
 
 @pytest.fixture(scope="session")
 def device():

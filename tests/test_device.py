@@ -1,4 +1,7 @@
+import os
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -105,3 +108,32 @@ def test_bad_seed_base_rejected(monkeypatch, raw):
 def test_seeds_count_checked(n):
     with pytest.raises(ValueError, match="n must be"):
         gs.seeds(n)
+
+
+def test_import_changes_nothing_global():
+    """Importing gradstab leaves torch's thread count alone and loads neither matplotlib nor scikit-learn."""
+    code = ("import sys, torch; torch.set_num_threads(2); import gradstab; "
+            "print(torch.get_num_threads(), 'matplotlib' in sys.modules, 'sklearn' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k != "GRADSTAB_THREADS"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.split() == ["2", "False", "False"]
+
+
+def test_configure_cpu_sets_threads_and_flush(monkeypatch):
+    before = torch.get_num_threads()
+    monkeypatch.delenv("GRADSTAB_THREADS", raising=False)
+    try:
+        assert gs.configure_cpu(threads=2) == {"threads": 2, "flush_denormal": True}
+        tiny = torch.tensor(1e-40)  # subnormal in float32
+        assert float(tiny * 1.0) == 0.0  # flushed
+        assert gs.configure_cpu(flush_denormal=False) == {"threads": 1, "flush_denormal": False}
+        assert float(torch.tensor(1e-40) * 1.0) > 0.0
+    finally:
+        gs.configure_cpu()
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("bad", [1, "yes", None])
+def test_configure_cpu_rejects_non_bool_flush(bad):
+    with pytest.raises(ValueError, match="flush_denormal"):
+        gs.configure_cpu(flush_denormal=bad)

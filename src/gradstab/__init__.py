@@ -2,12 +2,20 @@
 
 Use it as ``import gradstab as gs``.
 """
-from . import explore, plots, report, theory
+from . import explore, report, theory
 from .amp import AmpHistory, amp_train, autocast_dtype, fp16_underflow
 from .claims import ClaimFailed, Spread, claim, claim_between, claim_median, claim_seeds, spread
 from .clip import adaptive_clip_grad_, agc_parameters, clip_grad_norm_, clip_grad_value_
 from .data import Split, batches, load_digits
-from .device import base_seed, make_deterministic, pick_device, seed_everything, seeds, use_threads
+from .device import (
+    base_seed,
+    configure_cpu,
+    make_deterministic,
+    pick_device,
+    seed_everything,
+    seeds,
+    use_threads,
+)
 from .guard import (
     Checkpoint,
     GuardedRun,
@@ -31,7 +39,16 @@ from .train import History, accuracy, train
 
 __version__ = "0.1.0"
 
-use_threads()  # one CPU thread unless $GRADSTAB_THREADS says otherwise: same seed, same numbers anywhere
+
+
+def __getattr__(name: str):
+    """``gs.plots`` is imported on first use, so that importing gradstab does not load matplotlib."""
+    if name == "plots":
+        import importlib
+
+        return importlib.import_module(".plots", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "AmpHistory",
@@ -87,6 +104,7 @@ __all__ = [
     "explore",
     "seed_everything",
     "use_threads",
+    "configure_cpu",
     "sweep",
     "sweep_grid",
     "train",

@@ -4,8 +4,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from sklearn.datasets import load_digits as _sk_load_digits
-from sklearn.model_selection import train_test_split
 
 from ._check import positive_float
 from .device import pick_device
@@ -41,6 +39,9 @@ def load_digits(device=None, test_fraction: float = 0.25, seed: int = 0) -> Spli
     positive_float("test_fraction", test_fraction)
     if not test_fraction < 1:
         raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction!r}")
+    from sklearn.datasets import load_digits as _sk_load_digits  # here, so importing gradstab skips sklearn
+    from sklearn.model_selection import train_test_split
+
     digits = _sk_load_digits()
     x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1)
     y = torch.tensor(digits.target, dtype=torch.int64)

@@ -24,7 +24,7 @@ from torch.nn import functional as F
 from ._check import one_of, positive_float, positive_int
 from .clip import agc_parameters
 from .data import Split, batches
-from .device import base_seed
+from .device import base_seed, configure_cpu, cpu_settings
 from .models import CNN, cnn, mlp
 from .monitor import weight_layers
 from .train import OPTIMIZERS, History, _check_args, _diagnose, train
@@ -101,9 +101,9 @@ def sweep_grid(data: Split, depths, lrs, variants: dict[str, dict], *, steps: in
         results = [sweep(data, **job) for _, job in jobs]
     else:
         context = multiprocessing.get_context("spawn")
-        threads = [torch.get_num_threads()] * len(jobs)
+        settings = [cpu_settings()] * len(jobs)
         with ProcessPoolExecutor(workers, mp_context=context) as pool:
-            results = list(pool.map(_sweep_job, [data] * len(jobs), [job for _, job in jobs], threads))
+            results = list(pool.map(_sweep_job, [data] * len(jobs), [job for _, job in jobs], settings))
     runs = []
     for (name, _), histories in zip(jobs, results, strict=True):
         for history in histories:
@@ -112,13 +112,13 @@ def sweep_grid(data: Split, depths, lrs, variants: dict[str, dict], *, steps: in
     return runs
 
 
-def _sweep_job(data: Split, job: dict, threads: int) -> list[History]:
+def _sweep_job(data: Split, job: dict, settings: dict) -> list[History]:
     """One (depth, variant) sweep in a worker process (a top-level function, so it pickles).
 
-    The thread count is set here, after the worker has imported gradstab (whose import applies
-    ``$GRADSTAB_THREADS``), so the worker rounds exactly as the parent does.
+    The worker takes the parent's thread count and flush-denormal setting, so it rounds exactly as
+    the parent does.
     """
-    torch.set_num_threads(threads)
+    configure_cpu(**settings)
     return sweep(data, job.pop("lrs"), **job)
 
 
@@ -332,7 +332,6 @@ def _inputs(data: Split, order: torch.Tensor, seed_of: torch.Tensor):
 def _fit(stack: Stack, data: Split, lrs, seeds, *, steps, batch_size, momentum, max_norm, optimizer,
          weight_decay, clip_value, agc, warmup, loss_limit, evaluate) -> list[History]:
     """Train the M members of ``stack`` (lrs and seeds: (M,)) together, as :func:`~gradstab.train.train` does each."""
-    torch.set_flush_denormal(True)
     schedule, seed_of = _schedule(data, seeds, batch_size, steps)
     opt, log = _Optimizer(optimizer, stack.theta, lrs, momentum, weight_decay), _Log(stack, steps)
     alive, previous = torch.arange(len(lrs), device=data.device), None

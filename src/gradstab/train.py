@@ -122,7 +122,6 @@ def train(model: nn.Module, data: Split, *, lr: float, steps: int = 150, batch_s
     one_of("optimizer", optimizer, OPTIMIZERS)
     seed = resolve_seed(seed)
     seed_everything(seed)
-    torch.set_flush_denormal(True)  # tiny gradients of dead layers would otherwise slow CPUs ~10x
     model.to(data.device).train()
     opt = make_optimizer(model.parameters(), optimizer, lr, momentum, weight_decay)
     monitor = GradientMonitor(model, activations=activations, updates=updates)
