@@ -1,4 +1,5 @@
 """gradstab installs and works without the book: its wheel, its metadata and a run without the book's extras."""
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -9,7 +10,11 @@ OPTIONAL = ("matplotlib", "sklearn", "ipywidgets", "IPython", "tqdm")
 
 
 def test_wheel_ships_types_license_and_only_core_dependencies(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation",
+    source = tmp_path / "source"  # a copy, so that setuptools' build/ folder lands outside the checkout
+    shutil.copytree(ROOT / "src", source / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, source / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation",
                     "-q", "-w", str(tmp_path)], check=True, capture_output=True)
     (wheel,) = tmp_path.glob("gradstab-*.whl")
     with zipfile.ZipFile(wheel) as z:
