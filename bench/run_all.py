@@ -14,7 +14,8 @@ from pathlib import Path
 import common
 
 HERE = Path(__file__).resolve().parent
-BENCHES = {"sweep": "bench_sweep", "monitor": "bench_monitor", "explorer": "bench_explorer", "book": "bench_book"}
+BENCHES = {"sweep": "bench_sweep", "monitor": "bench_monitor", "explorer": "bench_explorer", "book": "bench_book",
+           "clip": "bench_clip"}
 
 
 def report(machine: dict, results: list[dict], load_after: str) -> str:

@@ -248,3 +248,136 @@ def test_single_value_per_channel_in_training(cls, shape):
     # N=1 with L>1 / H*W>1 is also fine in training
     big = (1, C, 3) if len(shape) == 3 else (1, C, 2, 2) if len(shape) == 4 else (2, C)
     cls(C)(torch.randn(big))
+
+
+# ------------------------------------------------------------ dtypes: statistics in float32, as torch
+
+LOW = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # about two units in the last place, relative
+
+
+def assert_close_low(a, b, rtol):
+    """Equal up to a couple of roundings of the low-precision result, relative to the largest value
+    (with float16 weights torch rounds at other places than we do). inf matches inf: a float16 running
+    variance above 65504 overflows in torch's module as in ours."""
+    scale = b.float().nan_to_num(posinf=0).abs().max().item()
+    torch.testing.assert_close(a.float(), b.float(), rtol=rtol, atol=rtol * scale)
+
+
+@pytest.mark.parametrize("x_dtype", list(LOW), ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("same_dtype", [True, False], ids=["module-same", "module-float32"])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_low_precision_input_matches_torch(x_dtype, same_dtype, momentum):
+    """Channels with variance above 65504 (float16's largest number): statistics must not overflow."""
+    module_dtype = x_dtype if same_dtype else torch.float32
+    ours, ref = make_pair(BatchNorm2d, nn.BatchNorm2d, momentum=momentum)
+    ours.to(module_dtype)
+    ref.to(module_dtype)
+    atol = LOW[x_dtype]
+    for step in range(STEPS):
+        x = (random_input((6, C, 4, 4), seed=step) * 400).to(x_dtype)  # std up to ~1400, var up to ~2e6
+        assert x.float().var(dim=(0, 2, 3)).max() > 65504
+        grad_out = torch.randn(x.shape, generator=torch.Generator().manual_seed(50 + step)).to(x_dtype)
+        y_o, gx_o = forward_backward(ours, x, grad_out)
+        y_r, gx_r = forward_backward(ref, x, grad_out)
+        assert y_o.dtype == y_r.dtype == x_dtype and gx_o.dtype == x_dtype
+        assert torch.isfinite(y_o).all() and y_o.float().abs().max() > 1  # not the zeros of an overflow
+        assert_close_low(y_o, y_r, atol)
+        assert_close_low(gx_o, gx_r, atol)
+        assert ours.running_var.dtype == ref.running_var.dtype == module_dtype
+        assert_close_low(ours.running_var, ref.running_var, atol)
+        assert_close_low(ours.running_mean, ref.running_mean, atol)
+    ours.eval()
+    ref.eval()
+    x = (random_input((6, C, 4, 4), seed=9) * 400).to(x_dtype)
+    y_o, y_r = ours(x), ref(x)
+    assert y_o.dtype == x_dtype
+    assert_close_low(y_o, y_r, atol)
+
+
+@pytest.mark.parametrize(
+    "module_dtype,x_dtype",
+    [(torch.float32, torch.float64), (torch.float64, torch.float32), (torch.float16, torch.float32),
+     (torch.bfloat16, torch.float16)],
+)
+def test_mixed_dtypes_torch_refuses_are_refused(module_dtype, x_dtype):
+    x = random_input((3, C, 2, 2), seed=0).to(x_dtype)
+    with pytest.raises(RuntimeError):
+        nn.BatchNorm2d(C, dtype=module_dtype)(x)
+    for train in (True, False):
+        with pytest.raises(ValueError, match=f"input dtype must be the module's.*got {x_dtype}"):
+            BatchNorm2d(C, dtype=module_dtype).train(train)(x)
+    with pytest.raises(ValueError, match="dtype"):
+        BatchNorm1d(C)(torch.ones(3, C, dtype=torch.long))
+    # without parameters or running stats there is no module dtype: any float input works
+    y = BatchNorm2d(C, affine=False, track_running_stats=False)(x)
+    assert y.dtype == x_dtype
+
+
+# ------------------------------------------------------------- state dicts: torch's own checkpoints
+
+
+def test_version_1_checkpoint_without_counter_loads_like_torch():
+    src = nn.BatchNorm2d(C)
+    src(random_input((3, C, 2, 2), seed=0))
+    state = src.state_dict()
+    del state["num_batches_tracked"]
+    state._metadata[""]["version"] = 1
+    for cls in (BatchNorm2d, nn.BatchNorm2d):
+        module = cls(C)
+        module.load_state_dict(state)  # strict
+        assert module.num_batches_tracked.item() == 0
+        assert torch.equal(module.running_mean, src.running_mean)
+    state._metadata[""]["version"] = 2  # a version-2 checkpoint must have it
+    for cls in (BatchNorm2d, nn.BatchNorm2d):
+        with pytest.raises(RuntimeError, match="num_batches_tracked"):
+            cls(C).load_state_dict(state)
+
+
+@pytest.mark.parametrize("direction", ["torch->ours", "ours->torch"])
+def test_cumulative_average_continues_after_loading(direction):
+    """momentum=None averages over num_batches_tracked batches: the counter must travel with the stats."""
+    src_cls, dst_cls = (nn.BatchNorm1d, BatchNorm1d) if direction == "torch->ours" else (BatchNorm1d, nn.BatchNorm1d)
+    src = src_cls(C, momentum=None)
+    for step in range(4):
+        src(random_input((8, C), seed=step))
+    dst = dst_cls(C, momentum=None)
+    dst.load_state_dict(src.state_dict())
+    assert dst.num_batches_tracked.item() == 4
+    x = random_input((8, C), seed=7)
+    src(x)
+    dst(x)  # the fifth batch gets weight 1/5 in both
+    assert_close(dst.running_mean, src.running_mean)
+    assert_close(dst.running_var, src.running_var)
+    fresh = dst_cls(C, momentum=None)
+    fresh(x)  # a counter left at 0 would give this batch weight 1
+    assert (fresh.running_mean - src.running_mean).abs().max() > 0.1
+
+
+def test_strict_loading_reports_mismatches_like_torch():
+    tracked = nn.BatchNorm2d(C).state_dict()
+    for cls in (BatchNorm2d, nn.BatchNorm2d):
+        with pytest.raises(RuntimeError, match="Unexpected key"):
+            cls(C, track_running_stats=False).load_state_dict(tracked)
+        result = cls(C, track_running_stats=False).load_state_dict(tracked, strict=False)
+        assert sorted(result.unexpected_keys) == ["num_batches_tracked", "running_mean", "running_var"]
+        with pytest.raises(RuntimeError, match="size mismatch"):
+            cls(C + 1).load_state_dict(tracked)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_whole_model_checkpoint_from_torch_batchnorm(train):
+    """A gs.cnn checkpoint saved with torch's BatchNorm loads strictly into the scratch-BatchNorm net and back."""
+    import gradstab as gs
+
+    ref = gs.cnn(3, seed=0, norm="batch")
+    x = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    ref(x)  # move the running stats
+    ours = gs.cnn(3, seed=1, norm="batch_scratch")
+    ours.load_state_dict(ref.state_dict())
+    ref.train(train)
+    ours.train(train)
+    assert_close(ours(x), ref(x))
+    back = gs.cnn(3, seed=2, norm="batch")
+    back.load_state_dict(ours.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), ours.state_dict().values(),
+                                                  strict=True))

@@ -122,9 +122,47 @@ def test_decoupled_decay_plus_adam_equals_adamw(steps):
 
 def test_decoupled_weight_decay_formula_and_no_grad():
     p = nn.Parameter(torch.tensor([1.0, -2.0, 4.0]))
+    p.grad = torch.zeros(3)
     decoupled_weight_decay_(p, lr=0.1, weight_decay=0.5)  # leaf with requires_grad: needs no_grad
     torch.testing.assert_close(p.detach(), torch.tensor([0.95, -1.9, 3.8]))
-    assert p.grad is None
+    decoupled_weight_decay_(p, lr=0.0, weight_decay=0.5)  # lr 0 (start of a warmup): no change
+    torch.testing.assert_close(p.detach(), torch.tensor([0.95, -1.9, 3.8]))
+    p.grad = None
+    decoupled_weight_decay_([p], lr=0.1, weight_decay=0.5)  # no gradient: left alone, as AdamW does
+    torch.testing.assert_close(p.detach(), torch.tensor([0.95, -1.9, 3.8]))
+
+
+class WithUnused(nn.Module):
+    """A model with a frozen layer and a layer the forward never reaches: neither gets a gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body, self.frozen, self.unused = nn.Linear(6, 5), nn.Linear(5, 5), nn.Linear(5, 5)
+        self.frozen.requires_grad_(False)
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.head(self.frozen(torch.tanh(self.body(x))))
+
+
+def test_decoupled_decay_skips_parameters_without_grad_like_adamw():
+    wd, lr = 0.5, 0.01
+    ours, ref = WithUnused(), WithUnused()
+    start = [p.detach().clone() for p in ours.parameters()]
+    opt = torch.optim.Adam(ours.parameters(), lr=lr, weight_decay=0.0)
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=lr, weight_decay=wd)
+    for step in range(3):
+        for model, o in ((ours, opt), (ref, opt_ref)):
+            o.zero_grad()
+            data_loss(model, step).backward()
+        decoupled_weight_decay_(ours.parameters(), lr, wd)
+        opt.step()
+        opt_ref.step()
+    assert_same_params(ours, ref)
+    for (name, p), p0 in zip(ours.named_parameters(), start, strict=True):
+        moved = not torch.equal(p.detach(), p0)
+        assert moved == name.startswith(("body", "head")), name  # frozen and unused stay as they were
 
 
 @pytest.mark.parametrize(
@@ -134,7 +172,7 @@ def test_decoupled_weight_decay_formula_and_no_grad():
         (lambda ps: l2_penalty(ps, float("nan")), "weight_decay"),
         (lambda ps: l1_penalty(ps, -1e-3), "strength"),
         (lambda ps: decoupled_weight_decay_(ps, 0.1, -0.01), "weight_decay"),
-        (lambda ps: decoupled_weight_decay_(ps, 0.0, 0.01), "lr"),
+        (lambda ps: decoupled_weight_decay_(ps, float("nan"), 0.01), "lr"),
         (lambda ps: decoupled_weight_decay_(ps, -0.1, 0.01), "lr"),
     ],
 )
@@ -192,12 +230,13 @@ def test_dropout_gradient_uses_same_mask():
     torch.testing.assert_close(x.grad, mask / 0.7)
 
 
-def test_dropout_eval_and_p0_are_identity():
+def test_dropout_eval_and_p0_return_the_input_like_torch():
     x = torch.randn(4, 7)
-    drop = Dropout(0.6).eval()
-    assert torch.equal(drop(x), x)
-    assert torch.equal(Dropout(0.0).train()(x), x)
-    assert torch.equal(Dropout(0).train()(x), x)
+    for drop in (Dropout(0.6).eval(), Dropout(0.0).train(), Dropout(0).train(), nn.Dropout(0.6).eval(),
+                 nn.Dropout(0.0).train()):
+        assert drop(x) is x
+    empty = torch.empty(0, 3)
+    assert Dropout(0.5)(empty) is empty
 
 
 def test_dropout_is_random_across_calls():
@@ -206,17 +245,46 @@ def test_dropout_is_random_across_calls():
     assert not torch.equal(drop(x), drop(x))
 
 
-@pytest.mark.parametrize("bad", [1.0, 1, 1.5, -0.1, float("nan")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_dropout_same_seed_same_output_as_torch(p, dtype):
+    x = torch.randn(50, 40).to(dtype).requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    grad_out = torch.randn(50, 40).to(dtype)
+    torch.manual_seed(7)
+    y = Dropout(p)(x)
+    torch.manual_seed(7)
+    y_ref = nn.Dropout(p)(x_ref)
+    assert y.dtype == dtype and torch.equal(y, y_ref)  # bit for bit
+    y.backward(grad_out)
+    y_ref.backward(grad_out)
+    assert torch.equal(x.grad, x_ref.grad)
+
+
+def test_dropout_inplace_like_torch():
+    x = torch.randn(30, 20)
+    a, b = x.clone(), x.clone()
+    torch.manual_seed(3)
+    out = Dropout(0.4, inplace=True)(a)
+    torch.manual_seed(3)
+    nn.Dropout(0.4, inplace=True)(b)
+    assert out is a and torch.equal(a, b) and not torch.equal(a, x)
+
+
+def test_dropout_p1_drops_everything_like_torch():
+    x = torch.tensor([1.0, -2.0, math.nan, math.inf])
+    y, y_ref = Dropout(1.0)(x), nn.Dropout(1.0)(x)
+    torch.testing.assert_close(y, y_ref, equal_nan=True)
+    assert torch.equal(y[:2], torch.zeros(2)) and y[2:].isnan().all()
+
+
+@pytest.mark.parametrize("bad", [1.5, -0.1, float("nan"), True, "0.5"])
 def test_dropout_bad_p(bad):
-    with pytest.raises(ValueError, match=r"p must lie in \[0, 1\), got"):
+    with pytest.raises(ValueError, match=r"p must lie in \[0, 1\], got"):
         Dropout(bad)
 
 
-def test_dropout_bad_p_message():
-    with pytest.raises(ValueError, match=r"^p must lie in \[0, 1\), got 1\.0$"):
-        Dropout(1.0)
-
-
-def test_dropout_repr():
-    assert repr(Dropout(0.25)) == "Dropout(p=0.25)"
+def test_dropout_repr_matches_torch():
+    assert repr(Dropout(0.25)) == repr(nn.Dropout(0.25)) == "Dropout(p=0.25, inplace=False)"
+    assert repr(Dropout(0.25, inplace=True)) == repr(nn.Dropout(0.25, inplace=True))
     assert Dropout().p == 0.5

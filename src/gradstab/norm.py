@@ -13,6 +13,14 @@ with ``m = momentum``, or ``m = 1 / num_batches_tracked`` (cumulative moving ave
 when ``momentum is None``. Eval mode normalizes with the running statistics, unless
 ``track_running_stats=False``, in which case the batch statistics are used (as torch does).
 The backward pass is left to autograd.
+
+Dtypes, as torch: the input has the module's dtype, or is float16/bfloat16 with a float32 module
+(mixed precision). Statistics and normalization are computed in float32 for float16/bfloat16 input (a
+float16 channel whose variance exceeds 65504 would otherwise overflow) and in the input's dtype otherwise;
+the output has the input's dtype and the running statistics keep the module's.
+
+State dicts are interchangeable with torch's (same keys, dtypes and version 2 metadata); a version-1
+checkpoint without ``num_batches_tracked`` loads with the counter at 0, as in torch.
 """
 
 from __future__ import annotations
@@ -23,6 +31,8 @@ from torch import Tensor, nn
 from ._check import positive_float
 
 __all__ = ["BatchNorm1d", "BatchNorm2d"]
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)  # statistics of these are computed in float32
 
 
 class _BatchNorm(nn.Module):
@@ -87,17 +97,44 @@ class _BatchNorm(nn.Module):
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        """Load as torch's BatchNorm does: a checkpoint older than version 2 has no ``num_batches_tracked``
+        and gets the module's current counter (0 for a fresh module) instead of a missing-key error."""
+        key = prefix + "num_batches_tracked"
+        if local_metadata.get("version", 1) < 2 and self.track_running_stats and key not in state_dict:
+            state_dict[key] = self.num_batches_tracked
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def _module_dtype(self) -> torch.dtype | None:
+        tensor = self.weight if self.weight is not None else self.running_mean
+        return None if tensor is None else tensor.dtype
+
     def _check_input(self, x: Tensor) -> None:
         if x.dim() not in self._ranks:
             ranks = " or ".join(f"{r}D" for r in self._ranks)
             raise ValueError(f"input must be {ranks} {self._layout}, got {x.dim()}D input")
         if x.shape[1] != self.num_features:
             raise ValueError(f"input has {x.shape[1]} channels but num_features={self.num_features}")
+        module = self._module_dtype()
+        mixed = x.dtype in LOW_PRECISION and module == torch.float32
+        if not x.is_floating_point() or not (module is None or x.dtype == module or mixed):
+            raise ValueError(
+                f"input dtype must be the module's ({module}), or float16/bfloat16 with a float32 module; "
+                f"got {x.dtype}"
+            )
 
     def forward(self, x: Tensor) -> Tensor:
+        """Normalize ``x`` of shape (N, C, *) per channel; returns a tensor of the same shape and dtype.
+
+        Raises ValueError for a wrong rank, channel count or dtype (see the module docstring), and for
+        one value per channel when batch statistics are needed."""
         self._check_input(x)
         reduce_dims = [0, *range(2, x.dim())]
         shape = [1, self.num_features] + [1] * (x.dim() - 2)
+        dtype = torch.float32 if x.dtype in LOW_PRECISION else x.dtype  # the statistics' dtype
+        h = x.to(dtype)
 
         use_batch_stats = self.training or self.running_mean is None
         if use_batch_stats:
@@ -107,19 +144,19 @@ class _BatchNorm(nn.Module):
                     "batch statistics need more than one value per channel "
                     f"(N * spatial size = {n}); got input of shape {tuple(x.shape)}"
                 )
-            mean = x.mean(dim=reduce_dims)
-            var = x.var(dim=reduce_dims, unbiased=False)
+            mean = h.mean(dim=reduce_dims)
+            var = h.var(dim=reduce_dims, unbiased=False)
             if self.training and self.track_running_stats:
                 self._update_running_stats(mean, var, n)
         else:
-            mean, var = self.running_mean, self.running_var
+            mean, var = self.running_mean.to(dtype), self.running_var.to(dtype)
 
-        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        y = (h - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
         if self.weight is not None:
-            y = y * self.weight.view(shape)
+            y = y * self.weight.to(dtype).view(shape)
         if self.bias is not None:
-            y = y + self.bias.view(shape)
-        return y
+            y = y + self.bias.to(dtype).view(shape)
+        return y.to(x.dtype)
 
     @torch.no_grad()
     def _update_running_stats(self, mean: Tensor, var: Tensor, n: int) -> None:
@@ -128,9 +165,9 @@ class _BatchNorm(nn.Module):
             m = 1.0 / float(self.num_batches_tracked)
         else:
             m = self.momentum
-        unbiased_var = var * (n / (n - 1))
-        self.running_mean.copy_((1.0 - m) * self.running_mean + m * mean)
-        self.running_var.copy_((1.0 - m) * self.running_var + m * unbiased_var)
+        unbiased_var = var * (n / (n - 1))  # in the statistics' dtype, stored in the module's
+        self.running_mean.copy_((1.0 - m) * self.running_mean.to(mean.dtype) + m * mean)
+        self.running_var.copy_((1.0 - m) * self.running_var.to(var.dtype) + m * unbiased_var)
 
     def extra_repr(self) -> str:
         return (
