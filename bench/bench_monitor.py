@@ -2,8 +2,8 @@
 
 The bare step is gs.train's hot path minus the monitor: zero_grad, forward, loss, backward,
 a finiteness check of the loss, optimizer step. gs.train runs it with the GradientMonitor
-(per-layer gradient norms, the non-finite check over them, and optionally activation-gradient
-hooks and update ratios).
+(per-layer gradient norms over every parameter that requires grad, the non-finite check over them,
+and optionally output-gradient hooks and update ratios).
 """
 from __future__ import annotations
 

@@ -74,3 +74,48 @@ def test_phase_diagram_one_panel_per_variant(metric):
     assert panels[0].get_position().y0 > panels[2].get_position().y0
     with pytest.raises(ValueError, match="metric"):
         gs.plots.phase_diagram(runs, metric="f1")
+
+
+def _monitored(steps=3, max_rows=None):
+    from torch.nn import functional as F
+
+    from gradstab.monitor import GradientMonitor
+
+    model = gs.mlp(2, width=8)
+    monitor = GradientMonitor(model, activations=True, max_rows=max_rows)
+    with monitor:
+        for seed in range(steps):
+            gen = torch.Generator().manual_seed(seed)
+            model.zero_grad()
+            F.cross_entropy(model(torch.randn(4, 64, generator=gen)), torch.arange(4)).backward()
+            monitor.record()
+    return monitor
+
+
+def _as_history(monitor):
+    return gs.History(loss=[1.0] * len(monitor.history()), layer_names=monitor.names, grad_norms=monitor.history(),
+                      act_grad_norms=monitor.history("act_grad"), update_ratios=monitor.history("update_ratio"))
+
+
+def test_gradient_flow_takes_a_monitor_or_a_history():
+    monitor = _monitored()
+    fig = gs.plots.gradient_flow({"monitor": monitor, "history": _as_history(monitor)}, step=1)
+    from_monitor, from_history = fig.axes[0].lines
+    assert from_monitor.get_ydata().tolist() == monitor.history()[1].tolist()
+    assert from_history.get_ydata().tolist() == monitor.history()[1].tolist()
+    capped = _monitored(max_rows=2)  # keeps steps 1 and 2: step 5 shows the last one
+    line = gs.plots.gradient_flow({"capped": capped}, step=5).axes[0].lines[0]
+    assert line.get_ydata().tolist() == monitor.history()[2].tolist()
+
+
+@pytest.mark.parametrize("kind", ["grad", "act_grad"])
+def test_gradient_heatmap_takes_a_monitor(kind):
+    monitor = _monitored()
+    fig = gs.plots.gradient_heatmap(monitor, kind=kind, title="T")
+    image = fig.axes[0].images[0].get_array()
+    assert image.shape == (len(monitor.names), 3)
+    assert torch.allclose(torch.as_tensor(image.data), monitor.history(kind).T)
+    with pytest.raises(ValueError, match="kind"):
+        gs.plots.gradient_heatmap(monitor, kind="weights")
+    with pytest.raises(ValueError, match="History or a GradientMonitor"):
+        gs.plots.gradient_heatmap({"grad": 1.0})

@@ -5,7 +5,7 @@ Use it as ``import gradstab as gs``.
 from . import explore, report, theory
 from .amp import AmpHistory, amp_train, autocast_dtype, fp16_underflow
 from .claims import ClaimFailed, Spread, claim, claim_between, claim_median, claim_seeds, spread
-from .clip import adaptive_clip_grad_, agc_parameters, clip_grad_norm_, clip_grad_value_
+from .clip import adaptive_clip_grad_, agc_parameters, clip_grad_norm_, clip_grad_value_, output_module
 from .data import Split, batches, load_digits
 from .device import (
     base_seed,
@@ -28,7 +28,7 @@ from .guard import (
     guarded_train,
 )
 from .models import CNN, MLP, cnn, init_weights, mlp
-from .monitor import GradientMonitor, weight_layers
+from .monitor import GradientMonitor, parameter_groups, weight_layers
 from .norm import BatchNorm1d, BatchNorm2d
 from .probe import Profile, gradient_through_time, growth_per_layer, linear_gradient_norms, signal_profile
 from .recurrent import RecurrentClassifier, rnn, sequence_task, state_gradients
@@ -80,6 +80,7 @@ __all__ = [
     "accuracy",
     "adaptive_clip_grad_",
     "agc_parameters",
+    "output_module",
     "batches",
     "claim",
     "claim_between",
@@ -109,6 +110,7 @@ __all__ = [
     "sweep_grid",
     "train",
     "weight_layers",
+    "parameter_groups",
     "theory",
     "Profile",
     "gradient_through_time",

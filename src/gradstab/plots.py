@@ -7,6 +7,7 @@ import matplotlib.pyplot as plt
 import torch
 from matplotlib.colors import LogNorm
 
+from .monitor import GradientMonitor
 from .train import History
 
 
@@ -25,28 +26,55 @@ def loss_curves(histories: dict[str, History], title: str = "Training loss", ax=
     return fig
 
 
-def gradient_heatmap(history: History, title: str = "Per-layer gradient norm", kind: str = "grad", ax=None):
-    """Layers (input at the bottom) against steps, colour = gradient norm on a log scale."""
+ROWS = {"grad": ("grad_norms", "‖∂loss/∂θ‖ of the layer"), "act_grad": ("act_grad_norms", "‖∂loss/∂y‖ of the layer"),
+        "update_ratio": ("update_ratios", "‖Δθ‖ / ‖θ‖ of the layer")}
+
+
+def layer_rows(source, kind: str = "grad") -> torch.Tensor:
+    """The (steps, layers) per-layer rows of ``kind`` ("grad", "act_grad", "update_ratio") that ``source`` holds:
+    a :class:`~gradstab.train.History` (its ``grad_norms``, ``act_grad_norms``, ``update_ratios``) or a
+    :class:`~gradstab.monitor.GradientMonitor` (its ``history(kind)``), as a float CPU tensor.
+
+    Raises ValueError for another ``kind`` or a ``source`` that is neither."""
+    if kind not in ROWS:
+        raise ValueError(f"kind must be one of {', '.join(map(repr, ROWS))}; got {kind!r}")
+    if isinstance(source, GradientMonitor):
+        return source.history(kind)
+    rows = getattr(source, ROWS[kind][0], None)
+    if not isinstance(rows, torch.Tensor):
+        raise ValueError(f"expected a History or a GradientMonitor, got {type(source).__name__}")
+    return rows.detach().float().cpu()
+
+
+def gradient_heatmap(history, title: str = "Per-layer gradient norm", kind: str = "grad", ax=None):
+    """Layers (input at the bottom) against steps, colour = the per-layer norm of ``kind`` on a log scale.
+
+    ``history``: a History or a GradientMonitor (see :func:`layer_rows`); missing and non-finite entries
+    are left blank. Raises ValueError for an unknown ``kind``."""
+    values = layer_rows(history, kind).T.clone()
     fig, ax = _axes(ax)
-    norms = history.grad_norms if kind == "grad" else history.act_grad_norms
-    values = norms.T.clone()
     values[~torch.isfinite(values)] = float("nan")
     positive = values[values > 0]
     low, high = (float(positive.min()), float(positive.max())) if positive.numel() else (1e-8, 1.0)
-    image = ax.imshow(values.clamp_min(low), aspect="auto", origin="lower", cmap="magma",
+    image = ax.imshow(values.clamp_min(low).numpy(), aspect="auto", origin="lower", cmap="magma",
                       norm=LogNorm(vmin=low, vmax=max(high, low * 10)), interpolation="nearest")
-    fig.colorbar(image, ax=ax, label="‖gradient‖ (log scale)")
+    fig.colorbar(image, ax=ax, label=f"{ROWS[kind][1]} (log scale)")
     ax.set(xlabel="training step", ylabel="layer (0 = input side)", title=title)
     return fig
 
 
-def gradient_flow(histories: dict[str, History], step: int = 0, title: str | None = None, ax=None):
-    """Per-layer gradient norm at one ``step`` for each labelled run, layer index on the x axis."""
+def gradient_flow(histories: dict, step: int = 0, title: str | None = None, ax=None):
+    """Per-layer gradient norm at one ``step`` for each labelled run, layer index on the x axis.
+
+    Each value is a History or a GradientMonitor (see :func:`layer_rows`); a run with fewer rows shows its
+    last one (a capped monitor keeps only its newest ``max_rows``). A missing layer (NaN) leaves a gap."""
     fig, ax = _axes(ax)
-    for label, h in histories.items():
-        row = h.grad_norms[min(step, h.steps - 1)]
-        ax.plot(range(len(row)), row, "o-", ms=3, label=label)
-    ax.set(yscale="log", xlabel="layer (0 = input side)", ylabel="‖∂loss/∂θ‖ of the layer (log scale)",
+    for label, source in histories.items():
+        rows = layer_rows(source)
+        if len(rows):
+            row = rows[min(step, len(rows) - 1)]
+            ax.plot(range(len(row)), row.numpy(), "o-", ms=3, label=label)
+    ax.set(yscale="log", xlabel="layer (0 = input side)", ylabel=f"{ROWS['grad'][1]} (log scale)",
            title=title or f"Gradient norm per layer at step {step}")
     ax.legend()
     return fig
