@@ -1,6 +1,8 @@
 """gradstab.amp: the GradScaler skips non-finite steps, and clipping must see unscaled gradients."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -56,3 +58,30 @@ def test_bad_arguments(flat, kwargs):
     args = dict(lr=0.1, steps=1) | kwargs
     with pytest.raises(ValueError):
         amp_train(gs.mlp(1), flat, **args)
+
+
+def test_amp_history_is_the_one_history(flat):
+    from gradstab.train import History
+
+    h = amp_train(gs.mlp(1), flat, lr=0.05, steps=3, dtype="bfloat16")
+    assert isinstance(h, History) and gs.AmpHistory is History and h.config["amp"] == "bfloat16"
+    assert h.grad_norms.shape[0] == 3 and len(h.grad_norm) == 3
+
+
+def test_loss_scaler_piece():
+    from gradstab.amp import LossScaler
+
+    plain = LossScaler(None, torch.device("cpu"))
+    assert not plain.enabled and plain.scale == 1.0
+    assert LossScaler("float16", torch.device("cpu")).enabled and not LossScaler("bfloat16", "cpu").enabled
+    scaler = LossScaler("bfloat16", "cpu", loss_scaling=True, init_scale=8.0)
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([p], lr=1.0)
+    scaler.backward((p * 3).sum())
+    assert torch.equal(p.grad, torch.full((2,), 24.0))  # scaled by S = 8
+    scaler.unscale(opt)
+    assert torch.equal(p.grad, torch.full((2,), 3.0)) and scaler.step(opt)
+    p.grad = torch.tensor([math.inf, 0.0])
+    assert not scaler.step(opt) and scaler.scale == 4.0  # inf gradient: skipped, scale halved
+    with pytest.raises(ValueError, match="loss_scaling"):
+        LossScaler(None, "cpu", loss_scaling=True)

@@ -44,3 +44,27 @@ def test_batches_cover_an_epoch_without_repeats():
     assert sorted(idx.tolist()) == list(range(100))
     again = torch.cat(list(gs.batches(100, 10, 10, seed=3)))
     assert torch.equal(idx, again)
+
+
+def test_training_batches_of_a_split_walk_the_seeded_batches(digits):
+    from gradstab.data import training_batches
+
+    stream, (x, y) = training_batches(digits, 64, 3, digits.device)
+    first = [next(stream) for _ in range(25)]  # past the first reshuffle (21 batches per pass)
+    for (_, yb, rows), idx in zip(first, gs.batches(len(digits.y_train), 64, 25, 3), strict=True):
+        assert torch.equal(rows.cpu(), idx) and torch.equal(yb, digits.y_train[rows])
+    assert x is digits.x_train and y is digits.y_train
+
+
+def test_training_batches_of_an_iterable_repeat_and_check():
+    from gradstab.data import training_batches
+
+    pairs = [(torch.ones(2, 3), torch.zeros(2, dtype=torch.int64)),
+             (torch.zeros(1, 3), torch.ones(1, dtype=torch.int64))]
+
+    stream, first = training_batches(pairs, 64, 0, "cpu")
+    assert [len(next(stream)[0]) for _ in range(5)] == [2, 1, 2, 1, 2] and first[0].shape == (2, 3)
+    with pytest.raises(ValueError, match="data must be"):
+        training_batches(3, 64, 0, "cpu")
+    with pytest.raises(ValueError, match=r"data\.y must be a torch.Tensor"):
+        training_batches([(torch.ones(2), [0, 1])], 64, 0, "cpu")

@@ -128,3 +128,48 @@ def test_corrupt_checks_rows(flat):
     scaled = corrupt(flat, [3], scale=10.0)
     assert torch.allclose(scaled.x_train[3], flat.x_train[3] * 10)
     assert torch.equal(scaled.x_train[4], flat.x_train[4])
+
+
+def test_guarded_run_is_the_one_history(flat):
+    from gradstab.train import History
+
+    run = guarded_train(gs.mlp(1), flat, lr=0.05, steps=3)
+    assert isinstance(run, History) and gs.GuardedRun is History
+    assert run.config["skip_nonfinite"] and run.config["rollback"] and len(run.grad_norms) == 3
+
+
+def test_guard_decisions():
+    from gradstab.guard import ACCEPT, ROLLBACK, SKIP, STOP, Guard
+
+    model = nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    nan, ok = torch.tensor(math.nan), torch.tensor(1.0)
+    plain = Guard(model, opt)
+    assert plain.judge(0, ok, torch.tensor(False))[0] == ACCEPT and plain.judge(1, nan, torch.tensor(True))[0] == STOP
+    skip = Guard(model, opt, skip_nonfinite=True, patience=2)
+    assert [skip.judge(t, nan, torch.tensor(True))[0] for t in range(2)] == [SKIP, STOP]
+    back = Guard(model, opt, rollback=True, lr_backoff=0.5)
+    action, reason = back.judge(0, nan, torch.tensor(True))
+    assert action == ROLLBACK and "1 non-finite steps in a row" in reason
+    assert back.carry_out(action) == 0 and back.lr_factor == 0.5
+    limit = Guard(model, opt, skip_nonfinite=True, loss_limit=2.0)
+    assert limit.judge(0, torch.tensor(3.0), torch.tensor(True)) == (SKIP, "loss 3, loss above loss_limit=2")
+
+
+def test_lr_backoff_halves_the_rate_after_each_rollback(flat):
+    bad = corrupt(flat, list(range(len(flat.y_train))))  # every step non-finite: rollbacks after each patience
+    model = gs.mlp(1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    run = gs.train(model, bad, optimizer=opt, steps=6, skip_nonfinite=True, rollback=True, patience=3,
+                   lr_backoff=0.5)
+    assert run.rollbacks == [2, 5, 6] and opt.param_groups[0]["lr"] == 0.1  # the backoff is applied per step only
+
+
+def test_rollback_restores_the_scheduler_too(flat):
+    bad = corrupt(flat, [7])
+    model = gs.mlp(1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.9)
+    run = gs.train(model, bad, optimizer=opt, scheduler=sched, steps=30, rollback=True, checkpoint_every=100)
+    applied = 30 - len(run.rollbacks) - len(run.skipped)
+    assert run.rollbacks and sched.last_epoch < applied  # restored to the checkpoint of step 0 at each rollback

@@ -32,12 +32,14 @@ def assert_same(batched, reference, loss_tol=(1e-4, 1e-5), norm_tol=(1e-2, 1e-5)
     assert len(batched) == len(reference)
     for b, r in zip(batched, reference, strict=True):
         assert b.config == r.config
-        assert (b.diverged, b.diverged_step, b.diverged_layer, b.reason) == (
-            r.diverged, r.diverged_step, r.diverged_layer, r.reason)
-        assert b.layer_names == r.layer_names
+        assert (b.diverged, b.diverged_step, b.diverged_layer, b.diverged_parameter, b.reason) == (
+            r.diverged, r.diverged_step, r.diverged_layer, r.diverged_parameter, r.reason)
+        assert b.layer_names == r.layer_names and b.scale == r.scale and b.events == r.events == []
         torch.testing.assert_close(torch.tensor(b.loss), torch.tensor(r.loss), rtol=loss_tol[0], atol=loss_tol[1],
                                    equal_nan=True)
         torch.testing.assert_close(b.grad_norms, r.grad_norms, rtol=norm_tol[0], atol=norm_tol[1], equal_nan=True)
+        torch.testing.assert_close(torch.tensor(b.grad_norm), torch.tensor(r.grad_norm), rtol=norm_tol[0],
+                                   atol=norm_tol[1], equal_nan=True)
         if not r.diverged:
             assert b.test_accuracy == pytest.approx(r.test_accuracy, abs=1.5 / 450)
             assert b.train_accuracy == pytest.approx(r.train_accuracy, abs=1.5 / 1347)
@@ -115,6 +117,17 @@ def test_float64_batched_equals_sequential_to_rounding(digits64, case, monkeypat
     assert_same(*run_case(digits64, case, monkeypatch), loss_tol=(1e-12, 1e-12), norm_tol=(1e-6, 0))
 
 
+def test_columns_are_the_monitors_parameter_groups(digits, monkeypatch):
+    """BatchNorm's affine parameters and SkipInit's gains are groups of their own, as the monitor counts them."""
+    case = dict(seeds=(0,), width=8, norm="batch", residual=True, skipinit=True, lrs=[0.05])
+    batched, reference = run_case(digits, case, monkeypatch)
+    names = batched[0].layer_names
+    assert names == ["stem.0", "blocks.0", "blocks.0.layer", "blocks.0.norm", "blocks.1", "blocks.1.layer",
+                     "blocks.1.norm", "head"]
+    assert batched[0].grad_norms[-1, names.index("blocks.0.norm")] > 0  # step 0: alpha = 0 blocks it
+    assert_same(batched, reference)
+
+
 def test_diverging_member_does_not_poison_the_others(digits64, monkeypatch):
     case = dict(seeds=(0,), width=8, residual=True, lrs=[0.05, 1e4, 0.1])
     batched, reference = run_case(digits64, case, monkeypatch)
@@ -180,3 +193,20 @@ def test_grid_in_two_processes_equals_one(digits):
     assert [h.loss for h in serial] == [h.loss for h in parallel]
     with pytest.raises(ValueError, match="workers"):
         gs.sweep_grid(digits, **args, workers=0)
+
+
+def test_other_train_options_fall_back_to_train_and_are_checked_as_train_checks_them(digits):
+    batched = gs.sweep(digits, [0.05], depth=1, seeds=(0,), steps=3, width=4, skip_nonfinite=True)
+    reference = gs.train(gs.cnn(1, seed=0, width=4), digits, lr=0.05, steps=3, seed=0, skip_nonfinite=True)
+    assert batched[0].loss == reference.loss and batched[0].config == reference.config
+    assert batched[0].config["skip_nonfinite"]
+    with pytest.raises(ValueError, match="accumulate"):
+        gs.sweep(digits, [0.05], depth=1, steps=3, width=4, accumulate=0)
+    with pytest.raises(ValueError, match="warmup"):
+        gs.sweep(digits, [0.05], depth=1, steps=3, width=4, warmup=-1)  # the batched path's own check
+
+
+def test_batched_path_checks_the_data_as_train_does(digits):
+    bad = gs.Split(digits.x_train, digits.y_train.float(), digits.x_test, digits.y_test.float())
+    with pytest.raises(ValueError, match=r"data\.y_train holds float values"):
+        gs.sweep(bad, [0.05], depth=1, steps=2, width=4)

@@ -8,19 +8,23 @@ it doubles S again. bfloat16 keeps float32's 8-bit exponent and needs no scaling
 """
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
+from contextlib import nullcontext
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from ._check import one_of, positive_float, positive_int
-from .data import Split, batches
-from .device import resolve_seed, seed_everything
-from .train import accuracy, make_optimizer
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def __getattr__(name: str):
+    """``AmpHistory``, the result type of :func:`amp_train`, is :class:`~gradstab.train.History`."""
+    if name == "AmpHistory":
+        from .train import History
+
+        return History
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def autocast_dtype(device) -> str:
@@ -28,79 +32,77 @@ def autocast_dtype(device) -> str:
     return "float16" if torch.device(device).type == "cuda" else "bfloat16"
 
 
-@dataclass
-class AmpHistory:
-    """What an :func:`amp_train` run did, one entry per step."""
+class LossScaler:
+    """Autocast and loss scaling as one piece of the training loop (``dtype`` None: plain steps).
 
-    loss: list[float]
-    scale: list[float]  # loss scale S in force during the step
-    grad_norm: list[float]  # global gradient norm the clipper saw (scaled if not unscaled first)
-    skipped: list[int]  # steps whose update the scaler skipped (inf/NaN gradients)
-    test_accuracy: float = float("nan")
-    seconds: float = 0.0
-    config: dict = field(default_factory=dict)
-
-    def summary(self) -> str:
-        return (f"{len(self.loss)} steps, {len(self.skipped)} skipped, final scale {self.scale[-1]:g}, "
-                f"final loss {self.loss[-1]:.3f}, test accuracy {self.test_accuracy:.1%}")
-
-
-def _global_norm(model: nn.Module) -> torch.Tensor:
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-
-
-def amp_train(model: nn.Module, data: Split, *, lr: float, steps: int = 150, batch_size: int = 64,
-              dtype: str | None = None, optimizer: str = "sgd", momentum: float = 0.9,
-              max_norm: float | None = None, unscale_before_clip: bool = True, loss_scaling: bool = True,
-              init_scale: float = 2.0**16, growth_interval: int = 2000, seed: int | None = None) -> AmpHistory:
-    """Train with autocast in ``dtype`` (default :func:`autocast_dtype` of the data's device) and a GradScaler.
-
-    The step is the documented recipe: ``scaler.scale(loss).backward()``, ``scaler.unscale_(opt)``,
-    clip, ``scaler.step(opt)``, ``scaler.update()``. ``unscale_before_clip=False`` reproduces the
-    classic bug of clipping the *scaled* gradients. ``loss_scaling=False`` turns the scaler off.
-    Unlike :func:`~gradstab.train.train`, a non-finite step does not stop the run: the scaler skips it.
+    The step is the documented recipe: ``scaler.scale(loss).backward()``, ``scaler.unscale_(opt)``
+    (before the gradients are measured and clipped, unless ``unscale_first=False``), clip,
+    ``scaler.step(opt)``, ``scaler.update()``. ``loss_scaling`` (default: on for float16, off for
+    bfloat16) turns the GradScaler on, with ``init_scale`` and ``growth_interval``.
+    Raises ValueError for an unknown ``dtype`` or bad scaler settings.
     """
-    dtype = autocast_dtype(data.device) if dtype is None else one_of("dtype", dtype, tuple(DTYPES))
-    positive_float("lr", lr)
-    positive_int("steps", steps)
-    positive_int("batch_size", batch_size)
-    positive_float("init_scale", init_scale)
-    positive_int("growth_interval", growth_interval)
-    if max_norm is not None:
-        positive_float("max_norm", max_norm)
-    seed = resolve_seed(seed)
-    seed_everything(seed)
-    device = data.device
-    model.to(device).train()
-    opt = make_optimizer(model.parameters(), optimizer, lr, momentum, 0.0)
-    scaler = torch.amp.GradScaler(device.type, init_scale=init_scale, growth_interval=growth_interval,
-                                  enabled=loss_scaling)
-    hist = AmpHistory([], [], [], [], config=dict(lr=lr, steps=steps, batch_size=batch_size, dtype=dtype,
-                                                   max_norm=max_norm, unscale_before_clip=unscale_before_clip,
-                                                   loss_scaling=loss_scaling, init_scale=init_scale, seed=seed))
-    start = time.perf_counter()
-    for step, idx in enumerate(batches(len(data.y_train), min(batch_size, len(data.y_train)), steps, seed)):
-        idx = idx.to(device)
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=DTYPES[dtype]):
-            loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
-        scale = scaler.get_scale() if loss_scaling else 1.0
-        scaler.scale(loss).backward()
-        if unscale_before_clip:
-            scaler.unscale_(opt)
-        hist.grad_norm.append(float(_global_norm(model)))
-        if max_norm is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-        scaler.step(opt)
-        scaler.update()
-        hist.loss.append(float(loss.detach()))
-        hist.scale.append(scale)
-        if loss_scaling and scaler.get_scale() < scale:
-            hist.skipped.append(step)
-    hist.seconds = time.perf_counter() - start
-    hist.test_accuracy = accuracy(model, data.x_test, data.y_test)
-    return hist
+
+    def __init__(self, dtype: str | None, device: torch.device, loss_scaling: bool | None = None,
+                 init_scale: float = 2.0**16, growth_interval: int = 2000, unscale_first: bool = True):
+        positive_float("init_scale", init_scale)
+        positive_int("growth_interval", growth_interval)
+        if dtype is None and loss_scaling:
+            raise ValueError("loss_scaling needs amp='float16' or amp='bfloat16'")
+        self.dtype = None if dtype is None else DTYPES[one_of("amp", dtype, tuple(DTYPES))]
+        self.device_type, self.unscale_first = torch.device(device).type, bool(unscale_first)
+        on = dtype == "float16" if loss_scaling is None else bool(loss_scaling)
+        self._scaler = torch.amp.GradScaler(self.device_type, init_scale=init_scale,
+                                            growth_interval=growth_interval) if on else None
+
+    @property
+    def enabled(self) -> bool:
+        """Whether a GradScaler scales the loss (and so skips steps with inf/NaN gradients itself)."""
+        return self._scaler is not None
+
+    @property
+    def scale(self) -> float:
+        """The loss scale S in force now (1.0 without scaling; one host sync with it)."""
+        return self._scaler.get_scale() if self.enabled else 1.0
+
+    def autocast(self):
+        return nullcontext() if self.dtype is None else torch.autocast(self.device_type, dtype=self.dtype)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self._scaler.scale(loss) if self.enabled else loss).backward()
+
+    def unscale(self, opt: torch.optim.Optimizer) -> None:
+        """Divide the gradients by S now (so that they are measured and clipped unscaled)."""
+        if self.enabled and self.unscale_first:
+            self._scaler.unscale_(opt)
+
+    def step(self, opt: torch.optim.Optimizer) -> bool:
+        """The optimizer step; False if the scaler skipped it (inf/NaN gradients, and lowered S)."""
+        if not self.enabled:
+            opt.step()
+            return True
+        before = self._scaler.get_scale()
+        self._scaler.step(opt)
+        self._scaler.update()
+        return not self._scaler.get_scale() < before
+
+
+def amp_train(model: nn.Module, data, *, lr: float | None = None, dtype: str | None = None,
+              loss_scaling: bool = True, **options):
+    """:func:`~gradstab.train.train` with autocast in ``dtype`` (default :func:`autocast_dtype` of the
+    data's device) and, unless ``loss_scaling=False``, a GradScaler (``init_scale``, ``growth_interval``).
+
+    ``unscale_before_clip=False`` reproduces the classic bug of clipping the *scaled* gradients
+    (``max_norm``). A step with inf/NaN gradients does not stop the run: the scaler skips it and halves
+    the scale. Returns a :class:`~gradstab.train.History` whose ``scale`` is the loss scale S in force at
+    each step, ``grad_norm`` the global norm the clipper saw, and ``skipped`` the skipped steps.
+    """
+    from .data import Split
+    from .train import train
+
+    if dtype is None:
+        dtype = autocast_dtype(data.device if isinstance(data, Split) else next(model.parameters()).device)
+    one_of("dtype", dtype, tuple(DTYPES))
+    return train(model, data, lr=lr, amp=dtype, loss_scaling=loss_scaling, **options)
 
 
 def fp16_underflow(tensors, scale: float = 1.0) -> float:

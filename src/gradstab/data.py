@@ -1,6 +1,8 @@
 """Data sets: scikit-learn's bundled handwritten digits (no download) with a fixed split."""
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -54,12 +56,66 @@ def load_digits(device=None, test_fraction: float = 0.25, seed: int = 0) -> Spli
     return split.to(pick_device() if device is None else torch.device(device))
 
 
-def batches(n: int, batch_size: int, steps: int, seed: int):
+def batches(n: int, batch_size: int, steps: int, seed: int) -> Iterator[torch.Tensor]:
     """Yield ``steps`` index tensors of ``batch_size``, walking seeded permutations of range(n)."""
+    yield from itertools.islice(_seeded_rows(n, batch_size, seed), steps)
+
+
+def _seeded_rows(n: int, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
+    """Endless :func:`batches`: a new permutation whenever fewer than ``batch_size`` rows are left."""
     gen = torch.Generator().manual_seed(seed)
     order, pos = torch.randperm(n, generator=gen), 0
-    for _ in range(steps):
+    while True:
         if pos + batch_size > n:
             order, pos = torch.randperm(n, generator=gen), 0
         yield order[pos : pos + batch_size]
         pos += batch_size
+
+
+Batch = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]  # inputs, targets, training-set rows (or None)
+
+
+def training_batches(data, batch_size: int, seed: int, device) -> tuple[Iterator[Batch], tuple]:
+    """An endless stream of ``(x, y, rows)`` training batches from ``data``, and the tensors to check first.
+
+    ``data`` is a :class:`Split` (batches of ``batch_size`` rows (all if fewer) from :func:`batches` with
+    ``seed``; ``rows`` are their indices; the tensors to check are the whole training set), or any iterable
+    of ``(x, y)`` pairs such as a DataLoader (re-iterated whenever exhausted, each pair moved to ``device``;
+    ``rows`` is None; the tensors to check are the first pair). Raises ValueError if ``data`` is neither,
+    yields no batch, or yields something other than a pair of tensors.
+    """
+    if isinstance(data, Split):
+        n = len(data.y_train)
+        stream = ((data.x_train[idx], data.y_train[idx], idx)
+                  for idx in (rows.to(data.device) for rows in _seeded_rows(n, min(batch_size, n), seed)))
+        return stream, (data.x_train, data.y_train)
+    if isinstance(data, torch.Tensor) or not isinstance(data, Iterable):
+        raise ValueError(f"data must be a gradstab Split or an iterable of (x, y) batches such as a DataLoader, "
+                         f"got {type(data).__name__}")
+    stream = _repeat(data, torch.device(device))
+    first = next(stream)
+    return itertools.chain([first], stream), first[:2]
+
+
+def _repeat(data: Iterable, device: torch.device) -> Iterator[Batch]:
+    passes = 0
+    while True:
+        count = 0
+        for batch in data:
+            count += 1
+            yield (*_pair(batch, device), None)
+        if not count:
+            after = " after its first pass (an iterator cannot be re-iterated: pass a list, a DataLoader or " \
+                    "fewer steps)" if passes else ""
+            raise ValueError(f"data yielded no batches{after}")
+        passes += 1
+
+
+def _pair(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise ValueError(f"each batch of data must be a pair (x, y), got {type(batch).__name__}"
+                         f"{f' of length {len(batch)}' if isinstance(batch, (tuple, list)) else ''}")
+    for value, name in zip(batch, ("data.x", "data.y"), strict=True):
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor in every batch, got {type(value).__name__}")
+    return tuple(t.to(device, non_blocking=True) for t in batch)

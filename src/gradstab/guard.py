@@ -10,25 +10,27 @@ from __future__ import annotations
 import copy
 import math
 import re
-import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from ._check import positive_float, positive_int
-from .data import Split, batches
-from .device import resolve_seed, seed_everything
-from .train import accuracy, make_optimizer
+from .data import Split
+
+ACCEPT, SKIP, ROLLBACK, STOP = "accept", "skip", "rollback", "stop"  # what the loop does with a step
 
 
-def _global_norm(model: nn.Module) -> torch.Tensor:
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
+def __getattr__(name: str):
+    """``GuardedRun``, the result type of :func:`guarded_train`, is :class:`~gradstab.train.History`."""
+    if name == "GuardedRun":
+        from .train import History
+
+        return History
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def grads_finite(parameters: Iterable[torch.Tensor]) -> bool:
@@ -71,20 +73,23 @@ class SpikeDetector:
 
 
 class Checkpoint:
-    """An in-memory copy of a model's and an optimizer's state, and the step it was taken at."""
+    """An in-memory copy of a model's, an optimizer's (and a scheduler's) state, and the step it was taken at."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int = 0):
-        self.save(model, optimizer, step)
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int = 0, scheduler=None):
+        self.save(model, optimizer, step, scheduler)
 
-    def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+    def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int, scheduler=None) -> None:
         self.step = step
         self._model = copy.deepcopy(model.state_dict())
         self._optimizer = copy.deepcopy(optimizer.state_dict())
+        self._scheduler = None if scheduler is None else copy.deepcopy(scheduler.state_dict())
 
-    def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
-        """Load the saved state back into ``model`` and ``optimizer``; return the step it was saved at."""
+    def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler=None) -> int:
+        """Load the saved state back into ``model``, ``optimizer`` (and ``scheduler``); return its step."""
         model.load_state_dict(self._model)
         optimizer.load_state_dict(self._optimizer)
+        if scheduler is not None and self._scheduler is not None:
+            scheduler.load_state_dict(self._scheduler)
         return self.step
 
 
@@ -94,175 +99,127 @@ class Checkpoints:
     before it restored, so a run can walk back past a bad checkpoint instead of looping on it.
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, keep: int = 3):
-        self._saved = deque([Checkpoint(model, optimizer, 0)], maxlen=positive_int("keep", keep))
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, keep: int = 3, scheduler=None):
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self._saved = deque([Checkpoint(model, optimizer, 0, scheduler)], maxlen=positive_int("keep", keep))
 
-    def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
-        self._saved.append(Checkpoint(model, optimizer, step))
+    def save(self, step: int) -> None:
+        self._saved.append(Checkpoint(self.model, self.optimizer, step, self.scheduler))
 
-    def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer, again: bool = False) -> int:
+    def restore(self, again: bool = False) -> int:
         """Restore the newest checkpoint (the one before it if ``again``); return its step."""
         if again and len(self._saved) > 1:
             self._saved.pop()
-        return self._saved[-1].restore(model, optimizer)
+        return self._saved[-1].restore(self.model, self.optimizer, self.scheduler)
 
 
 @dataclass
 class Event:
-    """One intervention: ``kind`` is ``"skip"`` or ``"rollback"``; ``row`` is the suspect training example."""
+    """One intervention: ``kind`` is ``"skip"`` or ``"rollback"``; ``row`` is the suspect example (its
+    training-set row for a Split, else its position in the step's batch; None when unknown)."""
 
     step: int
     kind: str
     reason: str
-    row: int
+    row: int | None = None
     restored_to: int | None = None
 
     def __str__(self) -> str:
         back = f", restored step {self.restored_to}" if self.restored_to is not None else ""
-        return f"step {self.step}: {self.kind} ({self.reason}; suspect row {self.row}{back})"
+        suspect = f"; suspect row {self.row}" if self.row is not None else ""
+        return f"step {self.step}: {self.kind} ({self.reason}{suspect}{back})"
 
 
-@dataclass
-class GuardedRun:
-    """What :func:`guarded_train` did: loss and global gradient norm per step, and every intervention."""
+class Guard:
+    """The decision the training loop takes for each step: accept, skip, roll back, or stop.
 
-    loss: list[float]
-    grad_norm: list[float]
-    events: list[Event]
-    test_accuracy: float = float("nan")
-    seconds: float = 0.0
-    config: dict = field(default_factory=dict)
-
-    def steps_where(self, kind: str) -> list[int]:
-        return [e.step for e in self.events if e.kind == kind]
-
-    @property
-    def skipped(self) -> list[int]:
-        return self.steps_where("skip")
-
-    @property
-    def rollbacks(self) -> list[int]:
-        return self.steps_where("rollback")
-
-    def report(self) -> str:
-        """One line per intervention, then the outcome."""
-        lines = [str(e) for e in self.events]
-        lines.append(f"{len(self.loss)} steps, {len(self.skipped)} skipped, {len(self.rollbacks)} rollbacks, "
-                     f"test accuracy {self.test_accuracy:.1%}")
-        return "\n".join(lines)
-
-
-def guarded_train(model: nn.Module, data: Split, *, lr: float, steps: int = 150, batch_size: int = 64,
-                  optimizer: str = "sgd", momentum: float = 0.9, max_norm: float | None = None,
-                  spike_factor: float = 3.0, spike_window: int = 20, checkpoint_every: int = 10,
-                  keep: int = 3, patience: int = 3, lr_backoff: float = 1.0, seed: int | None = None) -> GuardedRun:
-    """Train with cross-entropy like :func:`~gradstab.train.train`, but survive bad steps instead of stopping.
-
-    - loss or any gradient non-finite: the update is skipped and reported;
-    - loss above ``spike_factor`` x the largest of the last ``spike_window`` losses: model and
-      optimizer are restored from the last checkpoint (taken every ``checkpoint_every`` healthy
-      steps; the last ``keep`` are kept, see :class:`Checkpoints`), the batch is dropped and the
-      learning rate is multiplied by ``lr_backoff``;
-    - ``patience`` non-finite steps in a row (the weights themselves are broken): the same rollback.
-
-    After the last step one more batch is evaluated (no update), so that damage done by the
-    final steps is caught too; an event at step ``steps`` is that final check. Each event names
-    the batch's *suspect row*: the training example with the largest (or a non-finite)
-    per-example loss, which is where to look for a corrupted record.
+    A step is *bad* when its loss or a gradient is non-finite (or its loss exceeds ``loss_limit``).
+    Without ``skip_nonfinite`` and ``rollback`` a bad step stops the run. ``skip_nonfinite``: a bad step's
+    update is skipped, up to ``patience - 1`` in a row; ``rollback``: the ``patience``-th bad step in a row,
+    and a finite loss above ``spike_factor`` x the largest of the last ``spike_window`` accepted losses,
+    restore the last checkpoint (taken every ``checkpoint_every`` accepted steps, ``keep`` kept) and multiply
+    the learning rate by ``lr_backoff`` (with rollback alone, any bad step rolls back; with skipping alone,
+    the ``patience``-th bad step in a row stops the run). Raises ValueError for bad settings.
     """
-    positive_float("lr", lr)
-    positive_int("steps", steps)
-    positive_int("batch_size", batch_size)
-    positive_int("checkpoint_every", checkpoint_every)
-    if max_norm is not None:
-        positive_float("max_norm", max_norm)
-    seed = resolve_seed(seed)
-    seed_everything(seed)
-    model.to(data.device).train()
-    opt = make_optimizer(model.parameters(), optimizer, lr, momentum, 0.0)
-    guard = _Guard(model, opt, SpikeDetector(spike_factor, spike_window), Checkpoints(model, opt, keep),
-                   patience, lr_backoff)
-    run = GuardedRun([], [], [], config=dict(lr=lr, steps=steps, batch_size=batch_size, optimizer=optimizer,
-                                             max_norm=max_norm, spike_factor=spike_factor, spike_window=spike_window,
-                                             checkpoint_every=checkpoint_every, keep=keep, patience=patience,
-                                             lr_backoff=lr_backoff, seed=seed))
-    start = time.perf_counter()
-    for step, idx in enumerate(batches(len(data.y_train), min(batch_size, len(data.y_train)), steps + 1, seed)):
-        final = step == steps
-        value, norm, suspect = _loss_and_grad(model, opt, data, idx.to(data.device), backward=not final)
-        event = guard.judge(step, value, norm, suspect, final)
-        if event is not None:
-            run.events.append(event)
-        if final:
-            break
-        run.grad_norm.append(norm)
-        run.loss.append(math.nan if event is not None and event.kind == "skip" else value)
-        if event is None:
-            if max_norm is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-            opt.step()
-            guard.accept(step, checkpoint_every)
-    run.seconds = time.perf_counter() - start
-    run.test_accuracy = accuracy(model, data.x_test, data.y_test)
-    return run
 
-
-def _loss_and_grad(model: nn.Module, opt: torch.optim.Optimizer, data: Split, idx: torch.Tensor,
-                   backward: bool) -> tuple[float, float, int]:
-    """Mean loss, global gradient norm (0 without ``backward``) and the row with the largest loss."""
-    opt.zero_grad(set_to_none=True)
-    with torch.set_grad_enabled(backward):
-        per_example = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx], reduction="none")
-    loss = per_example.mean()
-    norm = 0.0
-    if backward:
-        loss.backward()
-        norm = float(_global_norm(model))
-    suspect = int(idx[torch.nan_to_num(per_example.detach(), nan=math.inf).argmax()])
-    return float(loss.detach()), norm, suspect
-
-
-class _Guard:
-    """The decisions of :func:`guarded_train`: skip, roll back, or accept a step."""
-
-    def __init__(self, model, opt, detector: SpikeDetector, checkpoints: Checkpoints, patience: int,
-                 lr_backoff: float):
-        self.model, self.opt, self.detector, self.checkpoints = model, opt, detector, checkpoints
+    def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, skip_nonfinite: bool = False,
+                 rollback: bool = False, spike_factor: float = 3.0, spike_window: int = 20,
+                 checkpoint_every: int = 10, keep: int = 3, patience: int = 3, lr_backoff: float = 1.0,
+                 loss_limit: float = math.inf, scheduler=None):
+        self.skip, self.rollback = bool(skip_nonfinite), bool(rollback)
+        self.every = positive_int("checkpoint_every", checkpoint_every)
         self.patience = positive_int("patience", patience)
         self.lr_backoff = positive_float("lr_backoff", lr_backoff)
         if lr_backoff > 1:
             raise ValueError(f"lr_backoff must lie in (0, 1], got {lr_backoff!r}")
-        self.lr = opt.param_groups[0]["lr"]
+        positive_int("keep", keep)
+        detector = SpikeDetector(spike_factor, spike_window)
+        self.detector = detector if self.rollback else None
+        self.checkpoints = Checkpoints(model, opt, keep, scheduler) if self.rollback else None
+        self.loss_limit, self.lr_factor = loss_limit, 1.0
         self.in_a_row = self.healthy = 0
         self.just_rolled_back = False
 
-    def judge(self, step: int, value: float, norm: float, suspect: int, final: bool = False) -> Event | None:
-        """None for a healthy step, else the skip or rollback event (a rollback is carried out here)."""
-        finite = math.isfinite(value) and math.isfinite(norm)
-        self.in_a_row = 0 if finite else self.in_a_row + 1
-        if not finite and self.in_a_row < self.patience and not final:
-            return Event(step, "skip", f"loss {value:.3g}, non-finite loss or gradient", suspect)
-        if finite and not self.detector(value):
-            return None
-        if finite:
-            reason = f"loss {value:.3g} > {self.detector.factor:g} x recent max {self.detector.baseline:.3g}"
-        else:
-            reason = f"loss {value:.3g}, {self.in_a_row} non-finite steps in a row"
-        return Event(step, "rollback", ("final check: " if final else "") + reason, suspect, self._roll_back())
+    def judge(self, step: int, loss: torch.Tensor, bad: torch.Tensor, final: bool = False) -> tuple[str, str]:
+        """(action, reason) for a step whose mean ``loss`` and ``bad`` flag (0-dim tensors) are given.
+        ``final``: the check after the last step (a bad loss then rolls back instead of skipping)."""
+        if not (self.skip or self.rollback):
+            return (STOP if bool(bad) else ACCEPT), ""
+        value, bad = float(loss), bool(bad)
+        self.in_a_row = self.in_a_row + 1 if bad else 0
+        prefix = "final check: " if final else ""
+        if bad and self.skip and self.in_a_row < self.patience and not final:
+            return SKIP, f"loss {value:.3g}, {self._trouble(value)}"
+        if not bad:
+            if self.detector is None or not self.detector(value):
+                return ACCEPT, ""
+            return ROLLBACK, f"{prefix}loss {value:.3g} > {self.detector.factor:g} x recent max " \
+                             f"{self.detector.baseline:.3g}"
+        if not self.rollback:
+            return STOP, ""
+        return ROLLBACK, f"{prefix}loss {value:.3g}, {self.in_a_row} non-finite steps in a row"
 
-    def _roll_back(self) -> int:
-        restored = self.checkpoints.restore(self.model, self.opt, again=self.just_rolled_back)  # and the saved lr
+    def _trouble(self, value: float) -> str:
+        if math.isfinite(value) and value > self.loss_limit:
+            return f"loss above loss_limit={self.loss_limit:g}"
+        return "non-finite loss or gradient"
+
+    def carry_out(self, action: str) -> int | None:
+        """Carry out a rollback (restore, lower the learning rate); return the restored step (None for a skip)."""
+        if action != ROLLBACK:
+            return None
+        restored = self.checkpoints.restore(again=self.just_rolled_back)
         self.just_rolled_back, self.in_a_row = True, 0
-        self.lr *= self.lr_backoff
-        for group in self.opt.param_groups:
-            group["lr"] = self.lr
+        self.lr_factor *= self.lr_backoff
         return restored
 
-    def accept(self, step: int, every: int) -> None:
-        """A healthy update was applied at ``step``: count it, and checkpoint every ``every`` of them."""
+    def accept(self, step: int) -> None:
+        """A healthy update was applied at ``step``: count it, and checkpoint every ``checkpoint_every`` of them."""
         self.healthy, self.just_rolled_back = self.healthy + 1, False
-        if self.healthy % every == 0:
-            self.checkpoints.save(self.model, self.opt, step + 1)
+        if self.rollback and self.healthy % self.every == 0:
+            self.checkpoints.save(step + 1)
+
+
+def guarded_train(model: nn.Module, data, *, lr: float | None = None, skip_nonfinite: bool = True,
+                  rollback: bool = True, **options):
+    """:func:`~gradstab.train.train` with both guards on: survive bad steps instead of stopping.
+
+    - loss or any gradient non-finite: the update is skipped and reported;
+    - loss above ``spike_factor`` (3) x the largest of the last ``spike_window`` (20) losses: model and
+      optimizer are restored from the last checkpoint (taken every ``checkpoint_every`` (10) healthy
+      steps; the last ``keep`` (3) are kept, see :class:`Checkpoints`), the batch is dropped and the
+      learning rate is multiplied by ``lr_backoff`` (1);
+    - ``patience`` (3) non-finite steps in a row (the weights themselves are broken): the same rollback.
+
+    After the last step one more batch is evaluated (no update), so that damage done by the
+    final steps is caught too; an event at step ``steps`` is that final check. Each event names
+    the batch's *suspect row*: the training example with the largest (or a non-finite)
+    per-example loss, which is where to look for a corrupted record. ``options`` are ``train``'s.
+    Returns a :class:`~gradstab.train.History` (``events``, ``skipped``, ``rollbacks``, ``report()``).
+    """
+    from .train import train
+
+    return train(model, data, lr=lr, skip_nonfinite=skip_nonfinite, rollback=rollback, **options)
 
 
 def corrupt(data: Split, rows: Iterable[int], value: float = math.nan, scale: float | None = None) -> Split:

@@ -22,16 +22,16 @@ from torch import nn
 from torch.nn import functional as F
 
 from ._check import one_of, positive_float, positive_int
-from .clip import agc_parameters
+from .clip import agc_parameters, output_module
 from .data import Split, batches
 from .device import base_seed, configure_cpu, cpu_settings
 from .models import CNN, cnn, mlp
-from .monitor import weight_layers
-from .train import OPTIMIZERS, History, _check_args, _diagnose, train
+from .monitor import parameter_groups
+from .train import TRAIN_DEFAULTS, History, check_options, check_split, diagnosis, global_norm, run_config, train
 
 ARCHS = {"cnn": cnn, "mlp": mlp}
-TRAIN_OPTIONS = ("optimizer", "weight_decay", "clip_value", "agc", "warmup", "loss_limit", "activations", "updates",
-                 "evaluate")
+BATCHED = ("steps", "batch_size", "momentum", "max_norm", "clip_value", "agc", "warmup", "weight_decay", "loss_limit",
+           "evaluate", "optimizer")  # the train options the batched path reproduces (any value; optimizer by name)
 ACTIVATIONS = {"relu": F.relu_, "tanh": torch.tanh_, "linear": lambda z: z}  # in place: z is always fresh
 
 
@@ -42,11 +42,13 @@ def sweep(data: Split, lrs, *, depth: int, seeds=None, steps: int = 100, batch_s
     Returns one :class:`~gradstab.train.History` per member, lrs-major then seeds (``None``: the one seed
     :func:`~gradstab.device.base_seed`), each equal (up to float
     rounding) to ``train(arch(depth, seed=s, **knobs), data, lr=lr, seed=s, ...)``. ``knobs`` are
-    model knobs (width, norm, residual, ...) and may include train options (weight_decay, warmup,
-    clip_value, loss_limit, agc, optimizer, activations, updates, evaluate). Members are trained as one
-    batched network when that covers the setting (norm "none"/"batch", no dropout, no activation or
-    update statistics; any optimizer, clipping, weight decay, warmup, residual or skipinit), else one
-    by one with :func:`~gradstab.train.train`.
+    model knobs (width, norm, residual, ...) and may include any keyword option of
+    :func:`~gradstab.train.train` (weight_decay, warmup, clip_value, agc, loss_limit, optimizer, amp,
+    rollback, ...), checked as ``train`` checks them. Members are trained as one batched network when that
+    covers the setting (norm "none"/"batch", no dropout, optimizer "sgd" or "adam"; any clipping, weight
+    decay, warmup, loss limit, residual or skipinit; every other train option at its default), else one
+    by one with :func:`~gradstab.train.train`. Per-layer columns and the diagnosis of a diverged member are
+    ``train``'s: the groups of :func:`~gradstab.monitor.parameter_groups`, :func:`~gradstab.train.diagnosis`.
     Each History's ``seconds`` is the batched run's time divided by the number of members.
     """
     one_of("arch", arch, tuple(ARCHS))
@@ -61,20 +63,16 @@ def sweep(data: Split, lrs, *, depth: int, seeds=None, steps: int = 100, batch_s
     for seed in seeds:
         positive_int("seeds", seed, minimum=0)
     options = dict(steps=steps, batch_size=batch_size, momentum=momentum, max_norm=max_norm,
-                   **{k: knobs.pop(k) for k in TRAIN_OPTIONS if k in knobs})
+                   **{k: knobs.pop(k) for k in list(knobs) if k in TRAIN_DEFAULTS and k not in ("lr", "seed")})
     members = [(lr, seed) for lr in lrs for seed in seeds]
     models = [ARCHS[arch](depth, seed=seed, **knobs) for _, seed in members]
     if not _batchable(models[0], options):
         return [train(m, data, lr=lr, seed=seed, **options) for m, (lr, seed) in zip(models, members, strict=True)]
-    defaults = dict(optimizer="sgd", weight_decay=0.0, clip_value=None, agc=None, warmup=0, loss_limit=math.inf)
-    evaluate = options.pop("evaluate", True)
-    options = {**defaults, **{k: v for k, v in options.items() if k not in ("activations", "updates")}}
-    _check_args(models[0], min(lrs), *(options[k] for k in (
-        "steps", "batch_size", "momentum", "weight_decay", "max_norm", "clip_value", "agc", "warmup", "loss_limit")))
-    with torch.no_grad():
-        models[0].eval()(data.x_train[:2].cpu())  # the model's own check of the input shape
-    return _fit(Stack(models, data.device), data, [lr for lr, _ in members], [s for _, s in members],
-                evaluate=evaluate, **options)
+    options = {**TRAIN_DEFAULTS, **options}
+    check_options(models[0], {**options, "lr": min(lrs)})
+    check_split(data, models[0].to(data.device))
+    head = output_module(models[0], data.x_train[:2]) if options["agc"] is not None else None
+    return _fit(Stack(models, data.device, head), data, [lr for lr, _ in members], [s for _, s in members], options)
 
 
 def sweep_grid(data: Split, depths, lrs, variants: dict[str, dict], *, steps: int = 100, seeds=None,
@@ -123,17 +121,19 @@ def _sweep_job(data: Split, job: dict, settings: dict) -> list[History]:
 
 
 def _batchable(model: nn.Module, options: dict) -> bool:
-    """Whether :class:`Stack` reproduces ``train(model, **options)``. Dropout cannot: its masks would come
-    from one random stream, not from each member's own."""
+    """Whether :class:`Stack` reproduces ``train(model, **options)``: norm "none" or "batch", no dropout (its
+    masks would come from one random stream, not from each member's own), a named sgd or adam, and every other
+    train option at its default."""
     c = model.config
-    return (c["norm"] in ("none", "batch") and c["dropout"] == 0 and options.get("optimizer", "sgd") in OPTIMIZERS
-            and not options.get("activations") and not options.get("updates"))
+    rest = {k: v for k, v in options.items() if k not in BATCHED}
+    return (c["norm"] in ("none", "batch") and c["dropout"] == 0 and options.get("optimizer", "sgd") in ("sgd", "adam")
+            and all(v is TRAIN_DEFAULTS[k] or v == TRAIN_DEFAULTS[k] for k, v in rest.items()))
 
 
 class Stack:
     """M same-shaped models as one grouped network with parameters ``theta`` of shape (M, P)."""
 
-    def __init__(self, models: list[nn.Module], device):
+    def __init__(self, models: list[nn.Module], device, exclude: str | None = None):
         ref = models[0]
         self.config, self.conv = ref.config, isinstance(ref, CNN)
         named = list(ref.named_parameters())
@@ -145,23 +145,28 @@ class Stack:
         self.stats = {n: torch.stack([m.get_buffer(n) for m in models]).to(device) for n in stats}
         bn = next((m for m in ref.modules() if isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d)), None)
         self.bn = (bn.momentum, bn.eps) if bn is not None else None
-        self.names = [name for name, _ in weight_layers(ref)]
-        self.spans, self.owner = self._layer_spans(named)
-        self._named, self._agc = named, {id(p) for p in agc_parameters(ref)}
+        groups = parameter_groups(ref)
+        self.names = [group for group, _ in groups]
+        self.spans, self.owner = self._layer_spans(named, groups)
+        self._named, self._exclude, self._ref = named, exclude, ref
 
     @cached_property
     def _units(self) -> _Units:
-        """The units of adaptive gradient clipping (built on first use)."""
-        return _Units(self._named, self._agc)
+        """The units of adaptive gradient clipping (built on first use), the module ``exclude`` left out."""
+        return _Units(self._named, {id(p) for p in agc_parameters(self._ref, exclude=self._exclude)})
 
-    def _layer_spans(self, named) -> tuple[list[tuple[int, int]], torch.Tensor]:
-        """The column ranges of ``theta`` holding each weight layer's parameters, and their layers' indices."""
+    def _layer_spans(self, named, groups) -> tuple[list[tuple[int, int]], torch.Tensor]:
+        """The column range of ``theta`` holding each parameter, and the index of its group (as
+        :func:`~gradstab.monitor.parameter_groups` groups them, the columns of the monitor)."""
         starts = torch.tensor([0, *self.sizes]).cumsum(0).tolist()
-        layer = {name: i for i, name in enumerate(self.names)}
-        owned = [(i, layer[name.rsplit(".", 1)[0]]) for i, (name, _) in enumerate(named)
-                 if name.rsplit(".", 1)[0] in layer]
-        spans = [(starts[i], starts[i + 1]) for i, _ in owned]
-        return spans, torch.tensor([j for _, j in owned], device=self.theta.device)
+        group_of = {name: j for j, (_, members) in enumerate(groups) for name, _ in members}
+        spans = [(starts[i], starts[i + 1]) for i in range(len(named))]
+        return spans, torch.tensor([group_of[name] for name, _ in named], device=self.theta.device)
+
+    def first_nonfinite_parameter(self, g: torch.Tensor) -> str | None:
+        """Name of the first parameter (model order) whose part of one member's gradient row ``g`` (P,) has inf/NaN."""
+        bad = [not bool(torch.isfinite(g[a:b]).all()) for a, b in self.spans]
+        return next((name for (name, _), b in zip(self._named, bad, strict=True) if b), None)
 
     def select(self, keep: torch.Tensor) -> None:
         """Keep only the members (rows) listed in ``keep``."""
@@ -172,7 +177,7 @@ class Stack:
         """(M, layers) 2-norms of each member's per-layer gradient, as GradientMonitor computes them: each
         parameter's norm, in float32, then the root of the sum of their squares over the layer."""
         sq = g.square()
-        norms = torch.stack([sq[:, a:b].sum(1) for a, b in self.spans], 1).sqrt().float()
+        norms = torch.stack([sq[:, a:b].sum(1) for a, b in self.spans], 1).sqrt().float()  # (M, parameters)
         return norms.new_zeros(len(g), len(self.names)).index_add_(1, self.owner, norms.square()).sqrt()
 
     def params(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -308,17 +313,6 @@ class _Optimizer:
             row.addcdiv_(a, d, value=-(lr * warm) / (1 - betas[0] ** self.count))
 
 
-class _Names:
-    """The two attributes of a GradientMonitor that :func:`train._diagnose` reads."""
-
-    def __init__(self, names):
-        self.names = names
-
-    def first_nonfinite(self, norms):
-        bad = (~torch.isfinite(norms)).nonzero()
-        return self.names[int(bad[0])] if len(bad) else None
-
-
 def _inputs(data: Split, order: torch.Tensor, seed_of: torch.Tensor):
     """The minibatch of every member: shared (N, C, ...) if all use one seed, else (N, M*C, ...)."""
     if len(order) == 1:
@@ -329,12 +323,13 @@ def _inputs(data: Split, order: torch.Tensor, seed_of: torch.Tensor):
     return x.transpose(0, 1).flatten(1, 2), data.y_train[idx].T
 
 
-def _fit(stack: Stack, data: Split, lrs, seeds, *, steps, batch_size, momentum, max_norm, optimizer,
-         weight_decay, clip_value, agc, warmup, loss_limit, evaluate) -> list[History]:
-    """Train the M members of ``stack`` (lrs and seeds: (M,)) together, as :func:`~gradstab.train.train` does each."""
-    schedule, seed_of = _schedule(data, seeds, batch_size, steps)
-    opt, log = _Optimizer(optimizer, stack.theta, lrs, momentum, weight_decay), _Log(stack, steps)
-    alive, previous = torch.arange(len(lrs), device=data.device), None
+def _fit(stack: Stack, data: Split, lrs, seeds, options: dict) -> list[History]:
+    """Train the M members of ``stack`` (lrs and seeds: (M,)) together, as :func:`~gradstab.train.train` does
+    each with ``options`` (its keyword arguments, defaults filled in)."""
+    steps, limit, warmup = options["steps"], options["loss_limit"], options["warmup"]
+    schedule, seed_of = _schedule(data, seeds, options["batch_size"], steps)
+    opt = _Optimizer(options["optimizer"], stack.theta, lrs, options["momentum"], options["weight_decay"])
+    log, alive, previous = _Log(stack, steps), torch.arange(len(lrs), device=data.device), None
     start = time.perf_counter()
     for step in range(steps):
         x, y = _inputs(data, schedule[:, step], None if seed_of is None else seed_of[alive])
@@ -345,9 +340,9 @@ def _fit(stack: Stack, data: Split, lrs, seeds, *, steps, batch_size, momentum, 
         stack.theta = theta.detach()
         losses, norms = losses.detach(), stack.layer_norms(g)
         log.record(alive, losses, norms)
-        ok = torch.isfinite(norms).all(1) & torch.isfinite(losses) & (losses <= loss_limit)
+        ok = torch.isfinite(norms).all(1) & torch.isfinite(losses) & (losses <= limit)
         if not bool(ok.all()):  # the one host sync per step
-            log.retire(stack, alive, ~ok, step, losses, norms, previous, loss_limit)
+            log.retire(stack, alive, ~ok, step, (losses, norms, g, previous), limit)
             keep = ok.nonzero().flatten()
             stack.select(keep)
             opt.select(keep)
@@ -355,14 +350,12 @@ def _fit(stack: Stack, data: Split, lrs, seeds, *, steps, batch_size, momentum, 
             if not len(alive):
                 break
         previous = norms
-        g = _clipped(stack, g, max_norm, clip_value, agc)
+        g = _clipped(stack, g, options["max_norm"], options["clip_value"], options["agc"])
         opt.step(stack.theta, g, min(1.0, (step + 1) / warmup) if warmup else 1.0)
     seconds = (time.perf_counter() - start) / len(lrs)
     log.finish(stack, alive)
-    config = dict(steps=steps, batch_size=batch_size, optimizer=optimizer, momentum=momentum,
-                  weight_decay=weight_decay, max_norm=max_norm, clip_value=clip_value, agc=agc, warmup=warmup)
-    return log.histories(stack, data, evaluate, seconds, [dict(lr=lr, **config, seed=seed, **stack.config)
-                                                          for lr, seed in zip(lrs, seeds, strict=True)])
+    configs = [run_config({**options, "lr": lr}, seed, stack.config) for lr, seed in zip(lrs, seeds, strict=True)]
+    return log.histories(stack, data, options["evaluate"], seconds, configs)
 
 
 def _schedule(data: Split, seeds, batch_size: int, steps: int):
@@ -381,22 +374,25 @@ class _Log:
         m = len(stack.theta)
         self.losses, self.norms, self.taken, self.outcome = [], [], [steps] * m, [{} for _ in range(m)]
         self.theta, self.stats = stack.theta.clone(), {k: v.clone() for k, v in stack.stats.items()}
-        self.labels = _Names(stack.names)
 
     def record(self, alive: torch.Tensor, losses: torch.Tensor, norms: torch.Tensor) -> None:
         n = len(self.taken)
         self.losses.append(losses.new_full((n,), math.nan).index_put_((alive,), losses))
         self.norms.append(norms.new_full((n, norms.shape[1]), math.nan).index_put_((alive,), norms))
 
-    def retire(self, stack, alive, bad, step, losses, norms, previous, loss_limit) -> None:
-        """Keep the state and the diagnosis of the rows ``bad`` (a mask over the live rows) at ``step``."""
+    def retire(self, stack, alive, bad, step, measured, loss_limit) -> None:
+        """Keep the state and the diagnosis of the rows ``bad`` (a mask over the live rows) at ``step``;
+        ``measured`` holds the step's losses (M,), layer norms and gradients (M, ...) and the last norms taken."""
+        losses, norms, g, previous = measured
         for j in bad.nonzero().flatten().tolist():
             m = int(alive[j])
             self.taken[m], self.theta[m] = step + 1, stack.theta[j]
             for k, v in stack.stats.items():
                 self.stats[k][m] = v[j]
             prev = None if previous is None else previous[j]
-            self.outcome[m] = _diagnose(step, float(losses[j]), norms[j], prev, self.labels, loss_limit)
+            self.outcome[m] = diagnosis(step, float(losses[j]), norms[j], ~torch.isfinite(norms[j]), prev,
+                                        stack.names, loss_limit)
+            self.outcome[m]["diverged_parameter"] = stack.first_nonfinite_parameter(g[j])
 
     def finish(self, stack: Stack, alive: torch.Tensor) -> None:
         """Put every member's final state back into ``stack`` (retired members as they were when they stopped)."""
@@ -413,7 +409,9 @@ class _Log:
         empty = torch.zeros(0, len(stack.names))
         return [History(loss=losses[:t, m].tolist(), layer_names=list(stack.names), grad_norms=norms[:t, m],
                         act_grad_norms=empty, update_ratios=empty, test_accuracy=test_acc[m],
-                        train_accuracy=train_acc[m], seconds=seconds, config=config, **self.outcome[m])
+                        train_accuracy=train_acc[m], seconds=seconds, config=config,
+                        grad_norm=[float(global_norm(row, ~torch.isfinite(row))) for row in norms[:t, m]],
+                        scale=[1.0] * t, **self.outcome[m])
                 for m, (t, config) in enumerate(zip(self.taken, configs, strict=True))]
 
 
