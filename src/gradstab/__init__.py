@@ -16,6 +16,7 @@ from .device import (
     seeds,
     use_threads,
 )
+from .diagnose import Diagnosis, LayerHealth, Remedy, diagnose
 from .guard import (
     Checkpoint,
     GuardedRun,
@@ -111,6 +112,10 @@ __all__ = [
     "train",
     "weight_layers",
     "parameter_groups",
+    "diagnose",
+    "Diagnosis",
+    "LayerHealth",
+    "Remedy",
     "theory",
     "Profile",
     "gradient_through_time",

@@ -95,7 +95,8 @@ class History:
                 where += f", parameter {self.diverged_parameter}"
             return f"diverged at step {self.diverged_step} in {where} ({self.reason})"
         final = f"final loss {self.loss[-1]:.3f}" if self.loss else "no steps"
-        return f"{self.steps} steps{self._interventions()}, {final}, test accuracy {self.test_accuracy:.1%}"
+        tested = "" if math.isnan(self.test_accuracy) else f", test accuracy {self.test_accuracy:.1%}"
+        return f"{self.steps} steps{self._interventions()}, {final}{tested}"
 
     def report(self) -> str:
         """One line per intervention, then the outcome."""
