@@ -173,3 +173,14 @@ def test_rollback_restores_the_scheduler_too(flat):
     run = gs.train(model, bad, optimizer=opt, scheduler=sched, steps=30, rollback=True, checkpoint_every=100)
     applied = 30 - len(run.rollbacks) - len(run.skipped)
     assert run.rollbacks and sched.last_epoch < applied  # restored to the checkpoint of step 0 at each rollback
+
+
+def test_first_nonfinite_output_sees_inside_a_tuple_output():
+    """nn.LSTM returns (output, (h, c)): its output sequence is what gets checked."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.LSTM(4, 5, batch_first=True))
+    x = torch.randn(2, 6, 3)
+    assert gs.first_nonfinite_output(model, x) is None
+    with torch.no_grad():
+        model[1].weight_hh_l0[0, 0] = float("nan")
+    assert gs.first_nonfinite_output(model, x) == "1"

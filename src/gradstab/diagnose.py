@@ -30,7 +30,7 @@ from torch.nn import functional as F
 
 from ._check import one_of, positive_float
 from .guard import first_nonfinite_output
-from .monitor import _first_tensor, parameter_groups
+from .monitor import first_tensor, parameter_groups
 from .probe import growth_per_layer
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -362,7 +362,7 @@ def _backward(model: nn.Module, inputs, y, loss_fn, watched: set[str]) -> _Pass:
 
     def capture(name):
         def hook(module, args, output):
-            out = _first_tensor(output)
+            out = first_tensor(output)
             if out is not None and out.requires_grad:
                 out.register_hook(lambda g: add(name, g))
         return hook

@@ -20,6 +20,7 @@ from torch import nn
 
 from ._check import positive_float, positive_int
 from .data import Split
+from .monitor import first_tensor
 
 ACCEPT, SKIP, ROLLBACK, STOP = "accept", "skip", "rollback", "stop"  # what the loop does with a step
 
@@ -296,13 +297,15 @@ def first_nonfinite_output(model: nn.Module, *inputs: torch.Tensor) -> str | Non
     """Run ``model(*inputs)`` and return the name of the first submodule whose output has inf/NaN.
 
     Forward hooks see modules in the order they run, so this names where a *forward* NaN began
-    (which anomaly mode, a backward tool, cannot). Returns None if every output is finite.
+    (which anomaly mode, a backward tool, cannot). A module returning a tuple (``nn.LSTM``,
+    ``nn.MultiheadAttention``) is judged by its first tensor. Returns None if every output is finite.
     """
     found: list[str] = []
 
     def hook(name):
         def check(module, args, output):
-            if not found and isinstance(output, torch.Tensor) and not bool(torch.isfinite(output).all()):
+            out = first_tensor(output)  # a tuple's first tensor: nn.LSTM's output sequence, attention's output
+            if not found and out is not None and not bool(torch.isfinite(out).all()):
                 found.append(name)
         return check
 

@@ -76,7 +76,7 @@ def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return layers
 
 
-def _first_tensor(output) -> torch.Tensor | None:
+def first_tensor(output) -> torch.Tensor | None:
     """The module output whose gradient is recorded: the output itself, or the first tensor of a tuple/list."""
     if isinstance(output, torch.Tensor):
         return output
@@ -228,7 +228,7 @@ class GradientMonitor:
             self._act_owners.append(i)
 
         def hook(module, inputs, output):
-            out = _first_tensor(output)
+            out = first_tensor(output)
             if out is not None and out.requires_grad:
                 out.register_hook(keep)
         return hook
