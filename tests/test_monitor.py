@@ -447,3 +447,16 @@ def test_float64_models_are_measured_in_float64_then_stored_in_float32():
     by_hand = torch.stack([torch.sqrt(m.weight.grad.norm() ** 2 + m.bias.grad.norm() ** 2) for m in model]).float()
     torch.testing.assert_close(norms, by_hand)
     assert monitor.history("act_grad").dtype == torch.float32 and torch.isfinite(monitor.history("act_grad")).all()
+
+
+def test_sparse_embedding_gradients_are_measured_like_dense_ones():
+    """nn.Embedding(sparse=True) gives a sparse .grad (repeated ids as duplicate entries): its norm is the dense one."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Flatten(), nn.Linear(12, 2))
+    ids = torch.tensor([[1, 1, 3], [3, 5, 1]])  # repeated ids: the uncoalesced gradient has duplicates
+    monitor = gs.GradientMonitor(model)
+    model(ids).square().sum().backward()
+    norms = monitor.record()
+    assert model[0].weight.grad.is_sparse
+    torch.testing.assert_close(norms[0], model[0].weight.grad.to_dense().norm())
+    assert monitor.first_nonfinite_parameter() is None and not bool(monitor.nonfinite(norms).any())

@@ -453,3 +453,13 @@ def test_amp_through_train(digits):
     f16 = train(gs.mlp(2), flat, lr=0.05, steps=5, amp="float16", init_scale=2.0**24)
     assert f16.scale[0] == 2.0**24 and f16.skipped and "skipped" in f16.summary()
     assert all("loss scaler" in e.reason and e.row is None for e in f16.events)
+
+
+def test_sparse_embedding_trains_and_refuses_norm_clipping():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Flatten(), nn.Linear(12, 3))
+    x, y = torch.randint(0, 10, (64, 3)), torch.randint(0, 3, (64,))
+    h = gs.train(model, [(x, y)], lr=0.1, steps=5)
+    assert h.steps == 5 and not h.diverged and torch.isfinite(h.grad_norms).all()
+    with pytest.raises(ValueError, match="max_norm.*sparse.*0"):
+        gs.train(model, [(x, y)], lr=0.1, steps=5, max_norm=1.0)

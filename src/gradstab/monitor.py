@@ -90,7 +90,11 @@ NARROW = (torch.float16, torch.bfloat16)  # their norms are computed in float32:
 
 def _norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """The 2-norm of each tensor by ``torch._foreach_norm``: in float32 for float16/bfloat16 tensors, in the
-    tensor's own dtype otherwise (float32, float64; the grouping casts to float32 afterwards)."""
+    tensor's own dtype otherwise (float32, float64; the grouping casts to float32 afterwards). A sparse
+    gradient (``nn.Embedding(sparse=True)``) is measured through its coalesced values, whose norm is the
+    dense gradient's."""
+    if any(t.is_sparse for t in tensors):
+        tensors = [t.coalesce().values() if t.is_sparse else t for t in tensors]
     dtypes = {t.dtype for t in tensors}
     if not dtypes & set(NARROW):
         return list(torch._foreach_norm(tensors))

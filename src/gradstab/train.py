@@ -168,6 +168,11 @@ class Clipper:
         from .clip import agc_parameters
 
         self.params = [p for p in model.parameters() if p.requires_grad]
+        sparse = [name for name, m in model.named_modules() if getattr(m, "sparse", False) is True]
+        for option, value in (("max_norm", max_norm), ("agc", agc)):
+            if value is not None and sparse:
+                raise ValueError(f"{option} cannot clip the sparse gradients of {', '.join(sparse)} (torch's norms "
+                                 f"are not defined for them); use sparse=False there, or clip_value")
         self.max_norm, self.clip_value, self.agc = max_norm, clip_value, agc
         self.agc_params = agc_parameters(model, exclude=exclude) if agc is not None else []
 
