@@ -56,7 +56,4 @@ def run() -> dict:
 
 
 if __name__ == "__main__":
-    result = run()
-    print(result["text"])
-    for goal, line in result["goals"]:
-        print(f"{goal}: {line}")
+    common.report(run())

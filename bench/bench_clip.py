@@ -80,7 +80,4 @@ def run(repeats: int = 15) -> dict:
 
 
 if __name__ == "__main__":
-    result = run()
-    print(result["text"])
-    for goal, line in result["goals"]:
-        print(f"{goal}: {line}")
+    common.report(run())

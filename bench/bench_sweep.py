@@ -147,7 +147,4 @@ def run(steps: int = STEPS, repeats: int = 2) -> dict:
 
 
 if __name__ == "__main__":
-    result = run()
-    print(result["text"])
-    for goal, line in result["goals"]:
-        print(f"{goal}: {line}")
+    common.report(run())

@@ -83,3 +83,10 @@ def verdict(value: float, goal: float, smaller_is_better: bool, unit: str = "") 
     met = value <= goal if smaller_is_better else value >= goal
     sign = "<=" if smaller_is_better else ">="
     return f"{'met' if met else 'NOT met'}: {value:.3g}{unit} (goal {sign} {goal:g}{unit})"
+
+
+def report(result: dict) -> None:
+    """Print one benchmark's result (its text, then one line per goal), as when run on its own."""
+    print(result["text"])
+    for goal, line in result["goals"]:
+        print(f"{goal}: {line}")
