@@ -400,3 +400,29 @@ def test_bad_arguments_raise_value_error_naming_them(batch, kwargs, match):
 def test_a_model_without_trainable_parameters_is_refused(batch):
     with pytest.raises(ValueError, match="model"):
         diagnose(gs.mlp(1, seed=0).requires_grad_(False), batch)
+
+
+class _LogBetween(nn.Module):
+    """log of a ReLU output, written in forward between two modules: -inf where the ReLU gave 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.log(torch.relu(self.fc1(x))))
+
+
+def test_a_nan_made_between_modules_is_told_apart_from_one_made_inside():
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    d = gs.diagnose(_LogBetween(), (x, y))
+    assert d.first_nonfinite_output == "fc2" and d.nonfinite_before_output_module
+    assert "between modules" in d.remedy.text and "already non-finite" in d.remedy.symptom
+    assert d.as_dict()["nonfinite_before_output_module"] is True
+    inside = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 3))
+    with torch.no_grad():
+        inside[1].weight[0, 0] = float("inf")
+    d = gs.diagnose(inside, (x, y))
+    assert d.first_nonfinite_output == "1" and not d.nonfinite_before_output_module
+    assert "between modules" not in d.remedy.text

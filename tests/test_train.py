@@ -463,3 +463,22 @@ def test_sparse_embedding_trains_and_refuses_norm_clipping():
     assert h.steps == 5 and not h.diverged and torch.isfinite(h.grad_norms).all()
     with pytest.raises(ValueError, match="max_norm.*sparse.*0"):
         gs.train(model, [(x, y)], lr=0.1, steps=5, max_norm=1.0)
+
+
+def test_a_single_output_with_cross_entropy_is_refused():
+    """Cross-entropy over one class is 0 whatever the weights: a regression target needs loss_fn."""
+    model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 1))
+    x = torch.randn(64, 3)
+    with pytest.raises(ValueError, match="single value per example.*loss_fn="):
+        gs.train(model, [(x, x.sum(1, keepdim=True))], lr=0.1, steps=3)
+
+
+def test_summary_says_what_the_named_layer_means():
+    h = History(loss=[1.0, math.nan], layer_names=["a", "b"], grad_norms=torch.ones(2, 2),
+                act_grad_norms=torch.zeros(0, 2), update_ratios=torch.zeros(0, 2), diverged=True, diverged_step=1,
+                diverged_layer="b", reason="loss became nan", diverged_parameter="a.weight")
+    assert h.summary() == ("diverged at step 1 (loss became nan); largest gradient one step earlier in layer b; "
+                           "first non-finite gradient in parameter a.weight")
+    h.reason = "gradient became non-finite"
+    assert h.summary().endswith("first non-finite gradient in layer b, parameter a.weight")
+    assert "loss=" not in repr(h)  # the per-step lists stay out of the repr

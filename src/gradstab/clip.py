@@ -247,14 +247,24 @@ def adaptive_clip_grad_(parameters: TensorOrTensors, clip_factor: float = 0.01, 
         p.grad.copy_(torch.where(grad_norm > max_norm, p.grad * scale, p.grad))
 
 
+def _short(value) -> str:
+    """A value for an error message: a tensor by its shape and dtype, not its entries."""
+    if isinstance(value, Tensor):
+        return f"a tensor of shape {tuple(value.shape)} ({value.dtype})"
+    return repr(value)
+
+
 def _excluded_modules(model: nn.Module, exclude) -> list[nn.Module]:
     if exclude is None:
         return []
     items = [exclude] if isinstance(exclude, ModuleOrName) else exclude
     try:
+        if isinstance(items, Tensor):  # e.g. an example input passed where output_module(model, x) was meant
+            raise TypeError
         items = list(items)
     except TypeError:
-        raise ValueError(f"exclude must be a module, a module name or an iterable of them, got {exclude!r}") from None
+        raise ValueError(f"exclude must be a module, a module name or an iterable of them, got {_short(exclude)}"
+                         ) from None
     names = dict(model.named_modules())
     modules = []
     for item in items:
@@ -266,7 +276,7 @@ def _excluded_modules(model: nn.Module, exclude) -> list[nn.Module]:
             children = ", ".join(repr(n) for n, _ in model.named_children())
             raise ValueError(
                 f"exclude must name modules of the model (qualified names as in model.named_modules(), e.g. "
-                f"{children or 'none: the model has no submodules'}) or be such modules; got {item!r}"
+                f"{children or 'none: the model has no submodules'}) or be such modules; got {_short(item)}"
             )
     return modules
 

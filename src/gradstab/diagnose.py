@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ._check import one_of, positive_float
-from .guard import first_nonfinite_output
+from .guard import first_nonfinite_forward
 from .monitor import first_tensor, parameter_groups
 from .probe import growth_per_layer
 
@@ -125,6 +125,7 @@ class Diagnosis:
     ratio_last_first: float
     input_nonfinite: bool
     first_nonfinite_output: str | None
+    nonfinite_before_output_module: bool  # its input was already non-finite: the NaN arose between modules
     first_nonfinite_gradient: str | None
     dead: list[str]
     frozen: list[str]
@@ -158,6 +159,7 @@ class Diagnosis:
             "grows_toward": self.grows_toward,
             "input_nonfinite": self.input_nonfinite,
             "first_nonfinite_output": self.first_nonfinite_output,
+            "nonfinite_before_output_module": self.nonfinite_before_output_module,
             "first_nonfinite_gradient": self.first_nonfinite_gradient,
             "dead": list(self.dead), "frozen": list(self.frozen), "unreached": list(self.unreached),
             "recurrent_radius": {k: _finite(v) for k, v in self.recurrent_radius.items()},
@@ -290,7 +292,7 @@ def diagnose(model: nn.Module, batch, *, loss_fn: Callable | None = None, lr: fl
     cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     with _restored(model), torch.random.fork_rng(devices=cuda):
         state = _rng_state(cuda)
-        bad_output = first_nonfinite_output(model, *inputs)
+        bad_output, bad_between = first_nonfinite_forward(model, *inputs)
         _set_rng_state(state, cuda)  # the same dropout masks in the pass that computes the gradients
         run = _backward(model, inputs, y, loss_fn, _weight_owners(groups))
         before = {id(p): p.detach().clone() for p in params}
@@ -298,7 +300,7 @@ def diagnose(model: nn.Module, batch, *, loss_fn: Callable | None = None, lr: fl
         step_taken = _probe_step(params, lr, optimizer)
         layers = _layers(groups, grads, before, run, step_taken)
         moved = _update_ratio(params, before) if step_taken else math.nan
-    return _conclude(model, layers, run.loss, moved, inputs, bad_output, grads, groups,
+    return _conclude(model, layers, run.loss, moved, inputs, (bad_output, bad_between), grads, groups,
                      dict(lr=lr, optimizer=optimizer if isinstance(optimizer, str) else "custom"))
 
 
@@ -486,14 +488,16 @@ def _display(name: str) -> str:
     return f"{owner}.{rest.removesuffix('.original')}" if sep else name
 
 
-def _conclude(model, layers, loss, moved, inputs, bad_output, grads, groups, settings) -> Diagnosis:
+def _conclude(model, layers, loss, moved, inputs, bad_forward, grads, groups, settings) -> Diagnosis:
+    bad_output, bad_between = bad_forward
     order, growth, last_first = _depth_growth(layers)
     first_bad_grad = next((name for _, params in groups for name, p in params
                            if grads[id(p)] is not None and not bool(torch.isfinite(grads[id(p)]).all())), None)
     d = Diagnosis(
         loss=loss, layers=layers, depth_order=order, growth_toward_input=growth, ratio_last_first=last_first,
         input_nonfinite=not all(bool(torch.isfinite(t).all()) for t in inputs if t.is_floating_point()),
-        first_nonfinite_output=bad_output, first_nonfinite_gradient=first_bad_grad,
+        first_nonfinite_output=bad_output, nonfinite_before_output_module=bad_between,
+        first_nonfinite_gradient=first_bad_grad,
         dead=[n for h in layers if h.status == "dead" for n in h.parameters],
         unreached=[n for h in layers if h.status == "unreached" for n in h.parameters],
         frozen=[_display(n) for n, p in model.named_parameters() if not p.requires_grad],
@@ -512,6 +516,12 @@ def _nonfinite_input(d: Diagnosis) -> Remedy | None:
 
 
 def _nonfinite_forward(d: Diagnosis) -> Remedy | None:
+    if d.first_nonfinite_output is not None and not d.input_nonfinite and d.nonfinite_before_output_module:
+        return Remedy(f"the input of module {d.first_nonfinite_output!r} is already non-finite, though every "
+                      f"module before it returned finite values",
+                      "the inf/NaN arose between modules, in the forward code itself: an unsafe operation there "
+                      "(log or sqrt of a value <= 0, division by ~0) needs a safe input, e.g. clamp it first",
+                      ("ch5_3_robustness.ipynb",))
     if d.first_nonfinite_output is not None and not d.input_nonfinite:
         return Remedy(f"the forward pass turns non-finite first at module {d.first_nonfinite_output!r}",
                       "look at that module's input and weights: weights initialized too large or unscaled residual "

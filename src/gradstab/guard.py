@@ -300,13 +300,26 @@ def first_nonfinite_output(model: nn.Module, *inputs: torch.Tensor) -> str | Non
     (which anomaly mode, a backward tool, cannot). A module returning a tuple (``nn.LSTM``,
     ``nn.MultiheadAttention``) is judged by its first tensor. Returns None if every output is finite.
     """
-    found: list[str] = []
+    return first_nonfinite_forward(model, *inputs)[0]
+
+
+def first_nonfinite_forward(model: nn.Module, *inputs: torch.Tensor) -> tuple[str | None, bool]:
+    """Like :func:`first_nonfinite_output`, and also whether that module's *input* was already non-finite.
+
+    Returns ``(name, input_was_nonfinite)`` (``(None, False)`` if every output is finite). With finite
+    model inputs, ``input_was_nonfinite`` means the inf/NaN arose between modules, in the forward code
+    that no hook sees (a ``torch.log`` or a division written in ``forward``), not in the module named.
+    """
+    found: list[tuple[str, bool]] = []
+
+    def finite(t) -> bool:
+        return not (isinstance(t, torch.Tensor) and t.is_floating_point()) or bool(torch.isfinite(t).all())
 
     def hook(name):
         def check(module, args, output):
             out = first_tensor(output)  # a tuple's first tensor: nn.LSTM's output sequence, attention's output
-            if not found and out is not None and not bool(torch.isfinite(out).all()):
-                found.append(name)
+            if not found and out is not None and not finite(out):
+                found.append((name, not all(finite(a) for a in args)))
         return check
 
     handles = [m.register_forward_hook(hook(name)) for name, m in model.named_modules()
@@ -317,4 +330,4 @@ def first_nonfinite_output(model: nn.Module, *inputs: torch.Tensor) -> str | Non
     finally:
         for h in handles:
             h.remove()
-    return found[0] if found else None
+    return found[0] if found else (None, False)

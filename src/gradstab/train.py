@@ -39,11 +39,11 @@ class History:
     ``events`` are the guard's and the loss scaler's interventions (:class:`~gradstab.guard.Event`).
     """
 
-    loss: list[float]
-    layer_names: list[str]
-    grad_norms: torch.Tensor
-    act_grad_norms: torch.Tensor
-    update_ratios: torch.Tensor
+    loss: list[float] = field(repr=False)
+    layer_names: list[str] = field(repr=False)
+    grad_norms: torch.Tensor = field(repr=False)
+    act_grad_norms: torch.Tensor = field(repr=False)
+    update_ratios: torch.Tensor = field(repr=False)
     diverged: bool = False
     diverged_step: int | None = None
     diverged_layer: str | None = None
@@ -53,9 +53,9 @@ class History:
     seconds: float = 0.0
     config: dict = field(default_factory=dict)
     diverged_parameter: str | None = None
-    grad_norm: list[float] = field(default_factory=list)
-    scale: list[float] = field(default_factory=list)
-    events: list[Event] = field(default_factory=list)
+    grad_norm: list[float] = field(default_factory=list, repr=False)
+    scale: list[float] = field(default_factory=list, repr=False)
+    events: list[Event] = field(default_factory=list, repr=False)
 
     @property
     def steps(self) -> int:
@@ -87,13 +87,20 @@ class History:
         text += f", {len(self.rollbacks)} rollbacks" if c.get("rollback") else ""
         return text + (f", final scale {self.scale[-1]:g}" if c.get("amp") and self.scale else "")
 
+    def _where(self) -> str:
+        """Where it broke, saying what ``diverged_layer`` means in this case (see :func:`diagnosis`)."""
+        layer, parameter = self.diverged_layer, self.diverged_parameter
+        first = f"first non-finite gradient in layer {layer}" + (f", parameter {parameter}" if parameter else "")
+        if self.reason.startswith("gradient") or (self.reason.startswith("loss became") and self.diverged_step == 0):
+            return first
+        where = ("largest gradient one step earlier" if self.reason.startswith("loss became") else
+                 "largest gradient") + f" in layer {layer}"
+        return where + (f"; first non-finite gradient in parameter {parameter}" if parameter else "")
+
     def summary(self) -> str:
         """One line: where it diverged, or steps, interventions, final loss and test accuracy."""
         if self.diverged:
-            where = f"layer {self.diverged_layer}"
-            if self.diverged_parameter is not None:
-                where += f", parameter {self.diverged_parameter}"
-            return f"diverged at step {self.diverged_step} in {where} ({self.reason})"
+            return f"diverged at step {self.diverged_step} ({self.reason}); {self._where()}"
         final = f"final loss {self.loss[-1]:.3f}" if self.loss else "no steps"
         tested = "" if math.isnan(self.test_accuracy) else f", test accuracy {self.test_accuracy:.1%}"
         return f"{self.steps} steps{self._interventions()}, {final}{tested}"
@@ -313,6 +320,10 @@ def _check_class_targets(out: torch.Tensor, y: torch.Tensor, y_name: str) -> Non
     indices, probabilities = (n, *out.shape[2:]), (n, *out.shape[1:])
     need = (f"cross-entropy needs int64 class indices of shape {indices} in [0, {classes}) or float class "
             f"probabilities of shape {probabilities}")
+    if classes == 1:
+        raise ValueError(f"the model outputs a single value per example (shape {tuple(out.shape)}): cross-entropy "
+                         f"over one class is always 0, so nothing would train; pass loss_fn= (e.g. "
+                         f"F.mse_loss for regression, F.binary_cross_entropy_with_logits for two classes)")
     if y.is_floating_point():
         if tuple(y.shape) != probabilities:
             raise ValueError(f"{y_name} holds float values of shape {tuple(y.shape)}, but {need} "
@@ -626,8 +637,12 @@ def train(model: nn.Module, data, *, lr: float | None = None, steps: int = 150, 
 
     Without a guard the run stops, without raising, at the first step whose loss or any gradient is
     non-finite (with a loss scaler: whose loss is; inf/NaN gradients are the scaler's to skip) or whose loss
-    exceeds ``loss_limit``; the update of that step is not applied, and the History names the step, the
-    layer (parameter group) and the parameter. ``activations``/``updates`` record output-gradient norms and
+    exceeds ``loss_limit``; the update of that step is not applied, and the History names the step, a
+    layer (parameter group) and the first parameter whose gradient is non-finite. The layer is the first
+    one with a non-finite gradient when the gradients broke first (or at step 0); when the loss itself
+    became non-finite later, every gradient is, so it is the layer whose gradient was largest one step
+    earlier; when the loss crossed ``loss_limit``, the one with the largest gradient (:meth:`History.summary`
+    says which). ``activations``/``updates`` record output-gradient norms and
     update-to-weight ratios (:class:`~gradstab.monitor.GradientMonitor`); ``evaluate=False`` skips the final
     accuracy. The same ``seed`` (``None``: :func:`~gradstab.device.base_seed`) gives the same history on one
     machine. Raises ValueError, naming the argument or the data field, for bad input. The data check runs
