@@ -44,7 +44,7 @@ GROWTH_PER_LAYER = 1.3
 #: factor overall: two orders of magnitude, so that the differences between layer types of a healthy net
 #: (about 4x from the top encoder layer to the embedding of the Transformer in 3.4) do not count.
 GROWTH_TOTAL = 100.0
-#: Fewest weight layers (the output layer not counted) for a statement about depth: with two or three,
+#: The fewest weight layers (the output layer not counted) for a statement about depth. With two or three,
 #: the first and last layer's different shapes decide the ratio, not depth.
 MIN_DEPTH = 4
 #: Model-wide update-to-weight ratio ||Δθ|| / ||θ|| (θ after the step) of the probe step above which
@@ -137,7 +137,7 @@ class Diagnosis:
 
     @property
     def remedy(self) -> Remedy:
-        """The most urgent finding's remedy (:data:`NONE_NEEDED` when nothing was found)."""
+        """The most urgent finding's remedy (``NONE_NEEDED`` when nothing was found)."""
         return self.findings[0] if self.findings else NONE_NEEDED
 
     @property

@@ -293,7 +293,7 @@ class GradientMonitor:
 
     @torch.no_grad()
     def first_nonfinite_parameter(self) -> str | None:
-        """Qualified name (as in :attr:`param_names`) of the first parameter, in model order, whose current
+        """Qualified name (as in ``param_names``) of the first parameter, in model order, whose current
         ``.grad`` has a non-finite 2-norm (it holds inf or NaN, or entries beyond about 1.8e19 whose squares
         overflow float32), else None. One host sync: meant for the failure path, after :meth:`nonfinite`."""
         present = [(name, p.grad) for name, p in zip(self.param_names, self._params, strict=True)

@@ -73,7 +73,7 @@ class History:
 
     @property
     def skipped(self) -> list[int]:
-        """Steps whose update was not applied: skipped by the guard or by the loss scaler."""
+        """The steps whose update was not applied (skipped by the guard or by the loss scaler)."""
         return self.steps_where("skip")
 
     @property
@@ -134,7 +134,7 @@ def make_optimizer(params, name: str, lr: float, momentum: float, weight_decay: 
 
 
 def build_optimizer(spec, model: nn.Module, lr, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
-    """The optimizer ``train`` uses: a name of :data:`OPTIMIZERS` (needs ``lr``), an instance over the
+    """The optimizer ``train`` uses: a name of ``OPTIMIZERS`` (needs ``lr``), an instance over the
     model's parameters, or a factory ``params -> Optimizer`` (both set their own learning rates, so ``lr``
     must be left out). Raises ValueError otherwise."""
     if isinstance(spec, str):
@@ -641,7 +641,7 @@ def train(model: nn.Module, data, *, lr: float | None = None, steps: int = 150, 
     layer (parameter group) and the first parameter whose gradient is non-finite. The layer is the first
     one with a non-finite gradient when the gradients broke first (or at step 0); when the loss itself
     became non-finite later, every gradient is, so it is the layer whose gradient was largest one step
-    earlier; when the loss crossed ``loss_limit``, the one with the largest gradient (:meth:`History.summary`
+    earlier; when the loss crossed ``loss_limit``, the one with the largest gradient (``History.summary()``
     says which). ``activations``/``updates`` record output-gradient norms and
     update-to-weight ratios (:class:`~gradstab.monitor.GradientMonitor`); ``evaluate=False`` skips the final
     accuracy. The same ``seed`` (``None``: :func:`~gradstab.device.base_seed`) gives the same history on one
