@@ -80,8 +80,8 @@ def test_loss_scaler_piece():
     scaler.backward((p * 3).sum())
     assert torch.equal(p.grad, torch.full((2,), 24.0))  # scaled by S = 8
     scaler.unscale(opt)
-    assert torch.equal(p.grad, torch.full((2,), 3.0)) and scaler.step(opt)
+    assert torch.equal(p.grad, torch.full((2,), 3.0)) and scaler.step(opt, scaler.scale)
     p.grad = torch.tensor([math.inf, 0.0])
-    assert not scaler.step(opt) and scaler.scale == 4.0  # inf gradient: skipped, scale halved
+    assert not scaler.step(opt, scaler.scale) and scaler.scale == 4.0  # inf gradient: skipped, scale halved
     with pytest.raises(ValueError, match="loss_scaling"):
         LossScaler(None, "cpu", loss_scaling=True)

@@ -65,9 +65,11 @@ class LossScaler:
         return self._scaler.get_scale() if self.enabled else 1.0
 
     def autocast(self):
+        """The context of the forward pass: ``torch.autocast`` to ``dtype``, or nothing without one."""
         return nullcontext() if self.dtype is None else torch.autocast(self.device_type, dtype=self.dtype)
 
     def backward(self, loss: torch.Tensor) -> None:
+        """``loss.backward()``, of the scaled loss S * loss with loss scaling."""
         (self._scaler.scale(loss) if self.enabled else loss).backward()
 
     def unscale(self, opt: torch.optim.Optimizer) -> None:
@@ -75,12 +77,12 @@ class LossScaler:
         if self.enabled and self.unscale_first:
             self._scaler.unscale_(opt)
 
-    def step(self, opt: torch.optim.Optimizer) -> bool:
-        """The optimizer step; False if the scaler skipped it (inf/NaN gradients, and lowered S)."""
+    def step(self, opt: torch.optim.Optimizer, before: float) -> bool:
+        """The optimizer step; False if the scaler skipped it (inf/NaN gradients, and lowered S below
+        ``before``, the scale :attr:`scale` read for this step)."""
         if not self.enabled:
             opt.step()
             return True
-        before = self._scaler.get_scale()
         self._scaler.step(opt)
         self._scaler.update()
         return not self._scaler.get_scale() < before
@@ -92,9 +94,10 @@ def amp_train(model: nn.Module, data, *, lr: float | None = None, dtype: str | N
     data's device) and, unless ``loss_scaling=False``, a GradScaler (``init_scale``, ``growth_interval``).
 
     ``unscale_before_clip=False`` reproduces the classic bug of clipping the *scaled* gradients
-    (``max_norm``). A step with inf/NaN gradients does not stop the run: the scaler skips it and halves
-    the scale. Returns a :class:`~gradstab.train.History` whose ``scale`` is the loss scale S in force at
-    each step, ``grad_norm`` the global norm the clipper saw, and ``skipped`` the skipped steps.
+    (``max_norm``). With loss scaling, a step with inf/NaN gradients does not stop the run: the scaler
+    skips it and halves the scale (without it, such a step stops the run, as in ``train``). Returns a
+    :class:`~gradstab.train.History` whose ``scale`` is the loss scale S in force at each step,
+    ``grad_norm`` the global norm the clipper saw, and ``skipped`` the skipped steps.
     """
     from .data import Split
     from .train import train

@@ -32,8 +32,7 @@ from ._check import one_of, positive_float
 from .guard import first_nonfinite_forward
 from .monitor import first_tensor, parameter_groups
 from .probe import growth_per_layer
-
-OPTIMIZERS = ("sgd", "adam", "adamw")
+from .train import OPTIMIZERS, check_class_targets
 
 #: Gradients growing toward the input by more than this factor per layer count as exploding. A deep
 #: BatchNorm-ReLU net grows about 1.21x per layer at initialization (Yang et al. 2019; claim 6 of the
@@ -378,7 +377,10 @@ def _backward(model: nn.Module, inputs, y, loss_fn, watched: set[str]) -> _Pass:
         for h in handles:
             h.remove()
     if loss_fn is None:
-        _check_classes(output, y)
+        if not isinstance(output, torch.Tensor):
+            raise ValueError(f"loss_fn: the default cross-entropy needs (N, C) logits from the model, got "
+                             f"{type(output).__name__}; pass loss_fn=...")
+        check_class_targets(output, y, "batch: y")
     loss = (loss_fn or F.cross_entropy)(output, y)
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         raise ValueError(f"loss_fn must return a scalar tensor, got {getattr(loss, 'shape', type(loss).__name__)}")
@@ -387,22 +389,6 @@ def _backward(model: nn.Module, inputs, y, loss_fn, watched: set[str]) -> _Pass:
         loss.reshape(()).backward()
     run.loss = float(loss.detach())
     return run
-
-
-def _check_classes(output, y: torch.Tensor) -> None:
-    """For the default cross-entropy: (N, C, ...) logits and (N, ...) class indices in [0, C)."""
-    if not isinstance(output, torch.Tensor) or output.ndim < 2:
-        raise ValueError("loss_fn: the default cross-entropy needs (N, C) logits from the model, got "
-                         f"{getattr(output, 'shape', type(output).__name__)}; pass loss_fn=...")
-    classes = output.shape[1]
-    expected = (output.shape[0], *output.shape[2:])
-    if tuple(y.shape) != expected:
-        raise ValueError(f"batch: y must have shape {expected} for logits of shape {tuple(output.shape)}, "
-                         f"got {tuple(y.shape)}")
-    kept = y[y != -100]  # cross-entropy's default ignore_index
-    if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= classes):
-        raise ValueError(f"batch: y must hold class indices in [0, {classes}), got values from "
-                         f"{int(kept.min())} to {int(kept.max())}")
 
 
 def _probe_step(params: list[nn.Parameter], lr: float, optimizer) -> bool:

@@ -80,6 +80,7 @@ class Checkpoint:
         self.save(model, optimizer, step, scheduler)
 
     def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int, scheduler=None) -> None:
+        """Copy the states of ``model``, ``optimizer`` (and ``scheduler``) now, as taken at ``step``."""
         self.step = step
         self._model = copy.deepcopy(model.state_dict())
         self._optimizer = copy.deepcopy(optimizer.state_dict())
@@ -105,6 +106,7 @@ class Checkpoints:
         self._saved = deque([Checkpoint(model, optimizer, 0, scheduler)], maxlen=positive_int("keep", keep))
 
     def save(self, step: int) -> None:
+        """Add a checkpoint of the current state, taken at ``step`` (the oldest beyond ``keep`` is dropped)."""
         self._saved.append(Checkpoint(self.model, self.optimizer, step, self.scheduler))
 
     def restore(self, again: bool = False) -> int:

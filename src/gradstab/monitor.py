@@ -251,7 +251,7 @@ class GradientMonitor:
         """Per-tensor norms as one tensor, on the first parameter's device if the model spans several."""
         if self._devices > 1:
             norms = [n.to(self._params[0].device) for n in norms]
-        return _stack(norms)
+        return _stack(norms) if self._sharded else torch.stack(norms)
 
     @torch.no_grad()
     def grad_norms(self) -> torch.Tensor:

@@ -20,6 +20,7 @@ from torch.nn import functional as F
 
 from ._check import one_of, positive_float, positive_int
 from .amp import LossScaler
+from .clip import adaptive_clip_grad_, agc_parameters, clip_grad_value_, output_module
 from .data import Split, training_batches
 from .device import resolve_seed, seed_everything
 from .guard import ACCEPT, ROLLBACK, SKIP, STOP, Event, Guard
@@ -78,6 +79,7 @@ class History:
 
     @property
     def rollbacks(self) -> list[int]:
+        """The steps at which the guard restored a checkpoint."""
         return self.steps_where("rollback")
 
     def _interventions(self) -> str:
@@ -137,10 +139,7 @@ def build_optimizer(spec, model: nn.Module, lr, momentum: float, weight_decay: f
     """The optimizer ``train`` uses: a name of ``OPTIMIZERS`` (needs ``lr``), an instance over the
     model's parameters, or a factory ``params -> Optimizer`` (both set their own learning rates, so ``lr``
     must be left out). Raises ValueError otherwise."""
-    if isinstance(spec, str):
-        one_of("optimizer", spec, OPTIMIZERS)
-        if lr is None:
-            raise ValueError(f"lr is required with optimizer={spec!r} (a learning rate > 0)")
+    if isinstance(spec, str):  # check_options has made sure of lr
         return make_optimizer(model.parameters(), spec, lr, momentum, weight_decay)
     if lr is not None:
         raise ValueError("lr must be left out when optimizer is an instance or a factory: its param groups "
@@ -172,8 +171,6 @@ class Clipper:
     """
 
     def __init__(self, model: nn.Module, max_norm=None, clip_value=None, agc=None, exclude=None):
-        from .clip import agc_parameters
-
         self.params = [p for p in model.parameters() if p.requires_grad]
         sparse = [name for name, m in model.named_modules() if getattr(m, "sparse", False) is True]
         for option, value in (("max_norm", max_norm), ("agc", agc)):
@@ -184,8 +181,6 @@ class Clipper:
         self.agc_params = agc_parameters(model, exclude=exclude) if agc is not None else []
 
     def __call__(self) -> None:
-        from .clip import adaptive_clip_grad_, clip_grad_value_
-
         if self.max_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.params, self.max_norm)
         if self.clip_value is not None:
@@ -215,6 +210,7 @@ class Schedule:
                              "optimizer -> LRScheduler (needed with a named optimizer)")
 
     def factor(self, t: int) -> float:
+        """The warmup factor of step ``t`` (0-based): min(1, (t + 1) / warmup), 1 without warmup."""
         return min(1.0, (t + 1) / self.warmup) if self.warmup else 1.0
 
     def step(self, factor: float, step: Callable[[], bool]) -> bool:
@@ -231,6 +227,7 @@ class Schedule:
                 g["lr"] = lr
 
     def advance(self, loss: torch.Tensor) -> None:
+        """Step the scheduler after an applied update (``ReduceLROnPlateau`` gets ``loss``)."""
         if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             self.scheduler.step(float(loss))
         elif self.scheduler is not None:
@@ -333,6 +330,15 @@ def _check_class_targets(out: torch.Tensor, y: torch.Tensor, y_name: str) -> Non
         raise ValueError(f"{y_name} has dtype {y.dtype} and shape {tuple(y.shape)}, but {need}")
 
 
+def check_class_targets(out: torch.Tensor, y: torch.Tensor, y_name: str) -> None:
+    """Raise ValueError naming ``y_name`` unless ``y`` suits cross-entropy on outputs like ``out`` (its first
+    rows, (N, C, ...)): int64 class indices (N, ...) in [0, C) (``IGNORE_INDEX`` allowed), or float class
+    probabilities (N, C, ...); a single output per example (C = 1) is refused."""
+    _check_class_targets(out, y, y_name)
+    if not y.is_floating_point():
+        _check_label_range(y, out.shape[1], y_name)
+
+
 def _check_label_range(y: torch.Tensor, classes: int, y_name: str) -> None:
     valid = y[y != IGNORE_INDEX]
     if valid.numel() and not (int(valid.min()) >= 0 and int(valid.max()) < classes):
@@ -364,7 +370,7 @@ def check_batch(model: nn.Module, x, y, loss_fn=None, names=("data.x", "data.y")
 
     ``x`` and ``y`` must be tensors with as many rows; the model must run on ``x`` (a failure, e.g. a
     feature-count or dtype mismatch, is re-raised as ValueError naming ``names[0]`` and what the model's
-    first layer expects); the targets must suit the loss (see ``_check_class_targets`` for cross-entropy;
+    first layer expects); the targets must suit the loss (see :func:`check_class_targets` for cross-entropy;
     any other ``loss_fn`` is called once). Raises ValueError naming the field.
     """
     from contextlib import nullcontext
@@ -377,9 +383,7 @@ def check_batch(model: nn.Module, x, y, loss_fn=None, names=("data.x", "data.y")
         raise ValueError(f"{x_name} has {len(x)} rows but {y_name} has {len(y)}; they must match")
     out = _probe_output(model, x[:2], x_name, autocast or nullcontext)
     if loss_fn is None:
-        _check_class_targets(out, y, y_name)
-        if not y.is_floating_point():
-            _check_label_range(y, out.shape[1], y_name)
+        check_class_targets(out, y, y_name)
     else:
         _check_loss(loss_fn, out, y[:2], y_name)
     return out
@@ -545,7 +549,8 @@ class _Run:
     def _update(self, t: int, loss: torch.Tensor, scale: float, log: _Log) -> None:
         self.clip()
         self.monitor.before_step()
-        applied = self.schedule.step(self.schedule.factor(t) * self.guard.lr_factor, lambda: self.scaler.step(self.opt))
+        factor = self.schedule.factor(t) * self.guard.lr_factor
+        applied = self.schedule.step(factor, lambda: self.scaler.step(self.opt, scale))
         self.monitor.after_step()
         if applied:
             self.schedule.advance(loss)
@@ -666,7 +671,7 @@ def train(model: nn.Module, data, *, lr: float | None = None, steps: int = 150, 
     schedule = Schedule(opt, warmup, scheduler)
     guard = Guard(model, opt, skip_nonfinite, rollback, spike_factor, spike_window, checkpoint_every, keep, patience,
                   lr_backoff, loss_limit, schedule.scheduler)
-    head = _output_module(model, x) if agc is not None else None
+    head = output_module(model, x[:2]) if agc is not None else None  # AGC leaves the classifier out
     run = _Run(model, opt, _Step(model, loss_fn, scaler),
                GradientMonitor(model, activations=activations, updates=updates),
                Clipper(model, max_norm, clip_value, agc, head), scaler, guard, schedule, loss_limit)
@@ -681,13 +686,6 @@ def train(model: nn.Module, data, *, lr: float | None = None, steps: int = 150, 
         grad_norm=log.grad_norm(norms), scale=[float(s) for s in log.scale], events=log.events,
         **_evaluate(model, data, loss_fn, evaluate),
         **log.outcome)
-
-
-def _output_module(model: nn.Module, x: torch.Tensor) -> str:
-    """The module producing the model's output on the first rows of ``x`` (AGC leaves it out)."""
-    from .clip import output_module
-
-    return output_module(model, x[:2])
 
 
 TRAIN_DEFAULTS = {name: p.default for name, p in inspect.signature(train).parameters.items()
