@@ -6,7 +6,7 @@ JB      := $(VENV)/bin/jupyter-book
 HTML    := _build/html/index.html
 export PYTHONHASHSEED := 0
 
-.PHONY: setup book test unit notebooks portability strict-book browser bench lab lint clean
+.PHONY: setup book book-fresh test unit notebooks portability strict-book browser bench lab lint clean
 
 # The commands that run the tests, and the profiles of the portability check (see `portability` below).
 UNIT   := $(VENV)/bin/pytest -q -p no:cacheprovider tests --ignore=tests/browser
@@ -28,17 +28,21 @@ $(STAMP): requirements.txt pyproject.toml
 
 setup: $(STAMP)
 
-## book: set up, execute every notebook and build the HTML book into _build/html
+## book: set up, execute the notebooks whose code changed since the last build (jupyter-cache; all of them
+## the first time) and build the HTML book into _build/html
 book: setup
 	$(JB) build . --warningiserror --nitpick --keep-going
 	@echo "The book is at file://$(CURDIR)/$(HTML)"
+
+## book-fresh: the same from an empty _build: every notebook executed again (after a change inside gradstab)
+book-fresh: clean book
 
 ## test: set up, then unit tests, every notebook under nbmake, the portability check, a strict book build
 ## and the browser test
 test: setup lint unit notebooks portability strict-book browser
 
 lint: setup
-	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff check src tests bench book/_ext
 
 unit: setup
 	$(UNIT)
@@ -67,9 +71,11 @@ browser: setup
 bench: setup
 	$(PY) bench/run_all.py
 
-## lab: open the notebooks in JupyterLab (installs it into the venv on first use)
+## lab: open the notebooks in JupyterLab with its MyST renderer, so {cite}, {ref}, exercises and admonitions
+## render as in the web book (both installed into the venv on first use)
+LAB := jupyterlab==4.6.6 jupyterlab-myst==2.7.0
 lab: setup
-	$(VENV)/bin/jupyter-lab --version >/dev/null 2>&1 || $(PY) -m pip install --quiet jupyterlab
+	$(PY) -m pip show --quiet jupyterlab-myst >/dev/null 2>&1 || $(PY) -m pip install --quiet $(LAB)
 	$(VENV)/bin/jupyter-lab book/
 
 clean:

@@ -119,3 +119,57 @@ def test_gradient_heatmap_takes_a_monitor(kind):
         gs.plots.gradient_heatmap(monitor, kind="weights")
     with pytest.raises(ValueError, match="History or a GradientMonitor"):
         gs.plots.gradient_heatmap({"grad": 1.0})
+
+
+# --- the book's figure style ----------------------------------------------------------------------
+
+def test_book_style_sets_readable_svg_text(monkeypatch):
+    monkeypatch.setattr(matplotlib, "rcParams", matplotlib.RcParams(matplotlib.rcParams.copy()))
+    gs.plots.use_book_style()
+    assert matplotlib.rcParams["svg.fonttype"] == "none"  # text stays text: searchable, sized in the page
+    assert min(matplotlib.rcParams[k] for k in ("font.size", "xtick.labelsize", "legend.fontsize")) >= 10
+
+
+@pytest.mark.parametrize("label, same_as", [
+    ("plain", "no clipping"), ("clip ‖g‖≤1", "clip by norm"), ("BatchNorm + clip", "batchnorm"),
+    ("residual, a = 1/√32", "Residual"), ("SkipInit", "skipinit (learned a)"), ("warmup 200 steps", "warmup"),
+])
+def test_one_colour_per_configuration(label, same_as):
+    assert gs.plots.color(label) == gs.plots.color(same_as)
+
+
+def test_configurations_get_different_colours():
+    names = ["plain", "clip", "clip by value", "batchnorm", "layernorm", "residual", "skipinit", "agc", "warmup"]
+    assert len({gs.plots.color(n) for n in names}) == len(names)
+    assert gs.plots.color("something else").startswith("#")
+
+
+def test_label_colors_falls_back_when_two_labels_share_a_colour():
+    assert gs.plots.label_colors(["plain", "clip"]) == {name: gs.plots.color(name) for name in ("plain", "clip")}
+    assert gs.plots.label_colors(["plain lr 0.1", "plain lr 1"]) == {"plain lr 0.1": None, "plain lr 1": None}
+
+
+def test_clip_axis_marks_the_points_beyond_the_limit():
+    fig, ax = plt.subplots()
+    ax.plot([0, 1, 2, 3], [1.0, 10.0, 1e6, 1e9], color="#123456")
+    ax.plot([0, 1], [0.5, 2.0])
+    assert gs.plots.clip_axis(ax, 1e3) == 2
+    assert ax.get_ylim()[1] == 1e3
+    marks = [line for line in ax.get_lines() if line.get_marker() == "^" and len(line.get_xdata())]
+    assert len(marks) == 1 and list(marks[0].get_xdata()) == [2.0, 3.0] and marks[0].get_color() == "#123456"
+    assert list(marks[0].get_ydata()) == [1e3, 1e3]
+    assert "off the chart" in [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def test_clip_axis_marks_nothing_when_everything_fits_and_rejects_bad_limits():
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1.0, 2.0])
+    assert gs.plots.clip_axis(ax, 10.0, bottom=0.5) == 0 and ax.get_legend() is None
+    with pytest.raises(ValueError, match="bottom"):
+        gs.plots.clip_axis(ax, 1.0, bottom=2.0)
+
+
+def test_heatmaps_share_a_colour_scale_when_asked():
+    quiet, loud = run(grad=1e-2), run(grad=1e4)
+    scales = [gs.plots.gradient_heatmap(h, vmin=1e-3, vmax=1e5).axes[0].images[0].norm for h in (quiet, loud)]
+    assert [(n.vmin, n.vmax) for n in scales] == [(1e-3, 1e5), (1e-3, 1e5)]

@@ -17,6 +17,7 @@ from .device import (
     use_threads,
 )
 from .diagnose import Diagnosis, LayerHealth, Remedy, diagnose
+from .exercise import check_answer
 from .guard import (
     Checkpoint,
     GuardedRun,
@@ -113,6 +114,7 @@ __all__ = [
     "weight_layers",
     "parameter_groups",
     "diagnose",
+    "check_answer",
     "Diagnosis",
     "LayerHealth",
     "Remedy",

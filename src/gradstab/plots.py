@@ -1,8 +1,16 @@
-"""Figures the chapters share. Every function returns the matplotlib Figure it drew."""
+"""Figures the chapters share, and the book's one figure style. Every plotting function returns the
+matplotlib Figure it drew.
+
+:func:`use_book_style` (called by every notebook's setup cell) makes figures SVG with text kept as text,
+sized so that type stays at least 9 px at the book's column width. :func:`color` gives every
+configuration one colour across the whole book, and :func:`clip_axis` draws exploding curves on a clipped
+axis with a marker where a value leaves the chart.
+"""
 from __future__ import annotations
 
 import math
 
+import matplotlib as mpl
 import matplotlib.pyplot as plt
 import torch
 from matplotlib.colors import LogNorm
@@ -10,19 +18,106 @@ from matplotlib.colors import LogNorm
 from .monitor import GradientMonitor
 from .train import History
 
+#: The book's rcParams: readable type at a 720 px column, light grid, no top/right spines, SVG text as text.
+BOOK_STYLE = {
+    "figure.figsize": (6.4, 3.8), "figure.dpi": 100, "savefig.dpi": 200, "figure.autolayout": False,
+    "font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "xtick.labelsize": 10, "ytick.labelsize": 10,
+    "legend.fontsize": 10, "legend.framealpha": 0.85, "figure.titlesize": 13,
+    "axes.grid": True, "grid.alpha": 0.25, "axes.spines.top": False, "axes.spines.right": False,
+    "lines.linewidth": 1.8, "svg.fonttype": "none", "font.family": "sans-serif",
+    "font.sans-serif": ["DejaVu Sans", "Noto Sans CJK SC", "Arial", "sans-serif"],
+}
 
-def loss_curves(histories: dict[str, History], title: str = "Training loss", ax=None):
-    """Loss against step for each labelled run (log scale); a cross marks where a run diverged."""
+#: One colour per configuration, the same in every figure of the book; :func:`color` matches a label
+#: against these keywords in order, so "batchnorm + clip" is BatchNorm's colour.
+PALETTE = (
+    ("plain", "#d62728"), ("no clip", "#d62728"), ("without", "#d62728"), ("no remedy", "#d62728"),
+    ("baseline", "#d62728"), ("unclipped", "#d62728"),
+    ("skipinit", "#bcbd22"), ("batchnorm", "#2ca02c"), ("batch norm", "#2ca02c"), ("bn", "#2ca02c"),
+    ("layernorm", "#17becf"), ("layer norm", "#17becf"), ("residual", "#9467bd"),
+    ("agc", "#8c564b"), ("value", "#e377c2"), ("clip", "#1f77b4"), ("warmup", "#ff7f0e"),
+    ("adam", "#7f7f7f"), ("dropout", "#aec7e8"), ("l2", "#ffbb78"), ("weight decay", "#ffbb78"),
+)
+OFF_CHART = "#d62728"
+
+
+def use_book_style() -> None:
+    """Apply :data:`BOOK_STYLE` to matplotlib and, inside a Jupyter kernel, show figures as SVG.
+
+    Idempotent; changes only matplotlib's settings (call it from a notebook's setup cell)."""
+    mpl.rcParams.update(BOOK_STYLE)
+    try:
+        from IPython import get_ipython
+        from matplotlib_inline.backend_inline import set_matplotlib_formats
+    except ImportError:  # plain Python: nothing to configure for inline display
+        return
+    if get_ipython() is not None:
+        set_matplotlib_formats("svg")
+
+
+def color(label: str) -> str:
+    """The book's colour for the configuration a ``label`` names (matched case-insensitively against
+    :data:`PALETTE`'s keywords in order); a label matching none gets a fixed colour derived from its text."""
+    text = label.lower()
+    for keyword, value in PALETTE:
+        if keyword in text.replace("_", " ").replace("-", " ").split() or (len(keyword) > 3 and keyword in text):
+            return value
+    cycle = mpl.rcParams["axes.prop_cycle"].by_key()["color"]
+    return mpl.colors.to_hex(cycle[sum(map(ord, label)) % len(cycle)])
+
+
+def clip_axis(ax, top: float, bottom: float | None = None, label: str = "off the chart") -> int:
+    """Limit ``ax``'s y axis to ``[bottom, top]`` and mark every plotted point above ``top`` with a
+    triangle on the top edge in its line's colour (values below ``bottom`` get one on the bottom edge).
+
+    Returns the number of points marked. A legend entry ``label`` explains the triangles when any are drawn.
+    Call it after plotting every line. Raises ValueError if ``bottom >= top``."""
+    if bottom is not None and bottom >= top:
+        raise ValueError(f"bottom must be below top; got bottom={bottom!r}, top={top!r}")
+    marked = 0
+    for line in list(ax.get_lines()):
+        x, y = (torch.as_tensor(v, dtype=torch.float64) for v in line.get_data())
+        high = y > top
+        low = y < bottom if bottom is not None else torch.zeros_like(high)
+        for mask, edge, marker in ((high, top, "^"), (low, bottom, "v")):
+            if bool(mask.any()):
+                ax.plot(x[mask].numpy(), [edge] * int(mask.sum()), marker, color=line.get_color(), ms=7,
+                        clip_on=False, zorder=5, linestyle="none")
+                marked += int(mask.sum())
+    ax.set_ylim(bottom if bottom is not None else ax.get_ylim()[0], top)
+    if marked:
+        ax.plot([], [], "^", color="gray", linestyle="none", label=label)
+        ax.legend()
+    return marked
+
+
+def label_colors(labels) -> dict[str, str | None]:
+    """The book's :func:`color` for each label when those colours are all different, else ``None`` for
+    each (matplotlib's cycle then tells the runs apart)."""
+    labels = list(labels)
+    colors = [color(label) for label in labels]
+    distinct = len(set(colors)) == len(colors)
+    return {label: (c if distinct else None) for label, c in zip(labels, colors, strict=True)}
+
+
+def loss_curves(histories: dict[str, History], title: str = "Training loss", ax=None, top: float | None = None):
+    """Loss against step for each labelled run (log scale); a cross marks where a run diverged.
+
+    Runs get the book's colours (:func:`label_colors`). ``top`` clips the y axis there and marks the
+    points above it (:func:`clip_axis`)."""
     fig, ax = _axes(ax)
+    colors = label_colors(histories)
     for label, h in histories.items():
         loss = torch.tensor(h.loss)
         finite = torch.isfinite(loss)
-        (line,) = ax.plot(torch.arange(len(loss))[finite], loss[finite], label=label)
+        (line,) = ax.plot(torch.arange(len(loss))[finite], loss[finite], label=label, color=colors[label])
         if h.diverged:
             last = int(finite.nonzero().max()) if finite.any() else 0
             ax.plot(last, float(loss[last]) if finite.any() else 1.0, "x", color=line.get_color(), ms=10, mew=2)
     ax.set(yscale="log", xlabel="training step", ylabel="cross-entropy loss (log scale)", title=title)
     ax.legend()
+    if top is not None:
+        clip_axis(ax, top)
     return fig
 
 
@@ -46,16 +141,19 @@ def layer_rows(source, kind: str = "grad") -> torch.Tensor:
     return rows.detach().float().cpu()
 
 
-def gradient_heatmap(history, title: str = "Per-layer gradient norm", kind: str = "grad", ax=None):
+def gradient_heatmap(history, title: str = "Per-layer gradient norm", kind: str = "grad", ax=None,
+                     vmin: float | None = None, vmax: float | None = None):
     """Layers (input at the bottom) against steps, colour = the per-layer norm of ``kind`` on a log scale.
 
     ``history``: a History or a GradientMonitor (see :func:`layer_rows`); missing and non-finite entries
-    are left blank. Raises ValueError for an unknown ``kind``."""
+    are left blank. ``vmin``/``vmax`` fix the colour scale, so that figures meant to be compared share one
+    (default: this run's own positive range). Raises ValueError for an unknown ``kind``."""
     values = layer_rows(history, kind).T.clone()
     fig, ax = _axes(ax)
     values[~torch.isfinite(values)] = float("nan")
     positive = values[values > 0]
     low, high = (float(positive.min()), float(positive.max())) if positive.numel() else (1e-8, 1.0)
+    low, high = (vmin if vmin is not None else low), (vmax if vmax is not None else high)
     image = ax.imshow(values.clamp_min(low).numpy(), aspect="auto", origin="lower", cmap="magma",
                       norm=LogNorm(vmin=low, vmax=max(high, low * 10)), interpolation="nearest")
     fig.colorbar(image, ax=ax, label=f"{ROWS[kind][1]} (log scale)")
@@ -69,11 +167,12 @@ def gradient_flow(histories: dict, step: int = 0, title: str | None = None, ax=N
     Each value is a History or a GradientMonitor (see :func:`layer_rows`); a run with fewer rows shows its
     last one (a capped monitor keeps only its newest ``max_rows``). A missing layer (NaN) leaves a gap."""
     fig, ax = _axes(ax)
+    colors = label_colors(histories)
     for label, source in histories.items():
         rows = layer_rows(source)
         if len(rows):
             row = rows[min(step, len(rows) - 1)]
-            ax.plot(range(len(row)), row.numpy(), "o-", ms=3, label=label)
+            ax.plot(range(len(row)), row.numpy(), "o-", ms=3, label=label, color=colors[label])
     ax.set(yscale="log", xlabel="layer (0 = input side)", ylabel=f"{ROWS['grad'][1]} (log scale)",
            title=title or f"Gradient norm per layer at step {step}")
     ax.legend()
@@ -82,12 +181,12 @@ def gradient_flow(histories: dict, step: int = 0, title: str | None = None, ax=N
 
 def _axes(ax):
     if ax is None:
-        fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
+        fig, ax = plt.subplots(layout="constrained")
         return fig, ax
     return ax.figure, ax
 
 
-def grid(n: int, width: float = 4.0, height: float = 3.2):
+def grid(n: int, width: float = 3.4, height: float = 2.9):
     """A row-major grid of ``n`` axes (at most 3 per row), spare axes hidden."""
     cols = min(n, 3)
     rows = math.ceil(n / cols)

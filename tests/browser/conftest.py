@@ -26,6 +26,16 @@ def html_root() -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def pages(html_root) -> list[str]:
+    """Every built page, as a path relative to the root (Sphinx's own folders and redirects left out)."""
+    found = sorted(p.relative_to(html_root).as_posix() for p in html_root.rglob("*.html")
+                   if not any(part.startswith("_") for part in p.relative_to(html_root).parts)
+                   and 'http-equiv="Refresh"' not in p.read_text(encoding="utf-8")[:2000])
+    assert found, f"no pages under {html_root}"
+    return found
+
+
 class _QuietHandler(SimpleHTTPRequestHandler):
     def log_message(self, *args):  # keep pytest's output clean
         pass
@@ -56,8 +66,8 @@ def browser():
 class OfflinePage:
     """A page in a fresh browser context that records console errors and aborts non-local requests."""
 
-    def __init__(self, browser, base_url: str):
-        self.context = browser.new_context(viewport={"width": 1200, "height": 900})
+    def __init__(self, browser, base_url: str, width: int = 1200):
+        self.context = browser.new_context(viewport={"width": width, "height": 900})
         self.page = self.context.new_page()
         self.errors: list[str] = []
         self.blocked: list[str] = []
@@ -80,5 +90,13 @@ class OfflinePage:
 @pytest.fixture
 def offline_page(browser, base_url):
     page = OfflinePage(browser, base_url)
+    yield page
+    page.close()
+
+
+@pytest.fixture(params=[1400, 400], ids=["desktop-1400px", "phone-400px"])
+def sized_page(request, browser, base_url):
+    """An offline page at a desktop width and at a phone width."""
+    page = OfflinePage(browser, base_url, width=request.param)
     yield page
     page.close()

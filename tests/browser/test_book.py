@@ -3,18 +3,9 @@ leaving the machine, and every static explorer redraws when its sliders move."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 
-def _pages(html_root: Path) -> list[str]:
-    """Every built page, as a path relative to the root (Sphinx's own folders left out)."""
-    return sorted(p.relative_to(html_root).as_posix() for p in html_root.rglob("*.html")
-                  if not any(part.startswith("_") for part in p.relative_to(html_root).parts))
-
-
-def test_pages_load_offline_without_errors(html_root, base_url, offline_page):
-    pages = _pages(html_root)
-    assert pages, f"no pages under {html_root}"
+def test_pages_load_offline_without_errors(pages, base_url, offline_page):
     problems = []
     for rel in pages:
         offline_page.errors.clear()
@@ -26,9 +17,9 @@ def test_pages_load_offline_without_errors(html_root, base_url, offline_page):
     assert not problems, "\n".join(problems)
 
 
-def test_no_widget_or_cdn_scripts_in_pages(html_root):
+def test_no_widget_or_cdn_scripts_in_pages(html_root, pages):
     bad = re.compile(r'<script[^>]+src="(https?:)?//|application/vnd\.jupyter\.widget-view\+json')
-    offenders = [rel for rel in _pages(html_root) if bad.search((html_root / rel).read_text(encoding="utf-8"))]
+    offenders = [rel for rel in pages if bad.search((html_root / rel).read_text(encoding="utf-8"))]
     assert not offenders, f"pages load remote scripts or carry ipywidgets output: {offenders}"
 
 
@@ -45,9 +36,9 @@ def _nudge(explorer, cls: str) -> None:
     slider.press("ArrowLeft" if at_end else "ArrowRight")
 
 
-def test_every_explorer_responds_to_both_sliders(html_root, base_url, offline_page):
+def test_every_explorer_responds_to_both_sliders(html_root, pages, base_url, offline_page):
     page, shots, seen = offline_page.page, html_root / "_screenshots", 0
-    for rel in _pages(html_root):
+    for rel in pages:
         if "gsx-explorer" not in (html_root / rel).read_text(encoding="utf-8"):
             continue
         page.goto(base_url + rel, wait_until="load")

@@ -1,0 +1,62 @@
+"""Fast rebuilds for authors: after a build, a second `jupyter-book build` with nothing changed executes no
+notebook and takes seconds, and editing the code of one notebook invalidates only that notebook's cached
+execution (jupyter-cache). Runs on this repository's own `_build` (after `make book` or `make strict-book`)."""
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+CACHE = REPO / "_build" / ".jupyter_cache"
+SECOND_BUILD_GOAL = 30.0  # seconds (issue 15)
+
+
+@pytest.fixture(scope="module")
+def cache():
+    html = Path(os.environ.get("GRADSTAB_BOOK_HTML", REPO / "_build" / "html"))
+    if not CACHE.is_dir() or html.resolve() != (REPO / "_build" / "html").resolve():
+        pytest.skip(f"no jupyter-cache at {CACHE}: build the book here first (make book)")
+    from jupyter_cache import get_cache
+
+    return get_cache(CACHE)
+
+
+def test_second_build_executes_nothing_and_takes_seconds(cache):
+    command = [str(Path(sys.executable).parent / "jupyter-book"), "build", ".", "--warningiserror", "--nitpick",
+               "--keep-going"]
+    start = time.perf_counter()
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    elapsed = time.perf_counter() - start
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "Executed notebook" not in done.stdout + done.stderr, "an unchanged notebook was executed again"
+    assert elapsed < SECOND_BUILD_GOAL, f"second build took {elapsed:.1f} s (goal: under {SECOND_BUILD_GOAL:.0f} s)"
+
+
+def test_editing_one_notebook_invalidates_only_its_cache(cache):
+    notebooks = sorted((REPO / "book").glob("*.ipynb"))
+    stored = {path: nbformat.read(path, as_version=4) for path in notebooks}
+    unmatched = [path.name for path, nb in stored.items() if not _cached(cache, nb)]
+    assert not unmatched, f"notebooks without a cached execution after the build: {unmatched}"
+    edited = copy.deepcopy(stored[notebooks[0]])
+    code = next(cell for cell in edited.cells if cell.cell_type == "code")
+    code.source += "\n# an author's edit"
+    assert not _cached(cache, edited), "an edited notebook still matches its old cached execution"
+    assert all(_cached(cache, nb) for nb in list(stored.values())[1:])
+    prose = copy.deepcopy(stored[notebooks[0]])
+    next(cell for cell in prose.cells if cell.cell_type == "markdown").source += "\n\nAn edit of the prose."
+    assert _cached(cache, prose), "an edit of the prose alone should not execute the notebook again"
+
+
+def _cached(cache, nb) -> bool:
+    try:
+        cache.match_cache_notebook(nb)
+    except KeyError:  # jupyter-cache: no cached execution with this notebook's code
+        return False
+    return True
