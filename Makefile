@@ -73,7 +73,7 @@ bench: setup
 
 ## lab: open the notebooks in JupyterLab with its MyST renderer, so {cite}, {ref}, exercises and admonitions
 ## render as in the web book (both installed into the venv on first use)
-LAB := jupyterlab==4.6.6 jupyterlab-myst==2.7.0
+LAB := jupyterlab==4.5.11 jupyterlab-myst==2.7.0   # jupyterlab-myst 2.7 needs @jupyter/ydoc 3: JupyterLab 4.6 is too new
 lab: setup
 	$(PY) -m pip show --quiet jupyterlab-myst >/dev/null 2>&1 || $(PY) -m pip install --quiet $(LAB)
 	$(VENV)/bin/jupyter-lab book/

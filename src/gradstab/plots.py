@@ -18,7 +18,7 @@ from matplotlib.colors import LogNorm
 from .monitor import GradientMonitor
 from .train import History
 
-#: The book's rcParams: readable type at a 720 px column, light grid, no top/right spines, SVG text as text.
+#: The book's rcParams, with readable type at a 720 px column, a light grid and SVG text kept as text.
 BOOK_STYLE = {
     "figure.figsize": (6.4, 3.8), "figure.dpi": 100, "savefig.dpi": 200, "figure.autolayout": False,
     "font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "xtick.labelsize": 10, "ytick.labelsize": 10,
@@ -28,8 +28,8 @@ BOOK_STYLE = {
     "font.sans-serif": ["DejaVu Sans", "Noto Sans CJK SC", "Arial", "sans-serif"],
 }
 
-#: One colour per configuration, the same in every figure of the book; :func:`color` matches a label
-#: against these keywords in order, so "batchnorm + clip" is BatchNorm's colour.
+#: One colour per configuration, the same in every figure of the book. :func:`color` matches a label
+#: against these keywords in order, so "batchnorm + clip" gets BatchNorm's colour.
 PALETTE = (
     ("plain", "#d62728"), ("no clip", "#d62728"), ("without", "#d62728"), ("no remedy", "#d62728"),
     ("baseline", "#d62728"), ("unclipped", "#d62728"),
@@ -42,7 +42,7 @@ OFF_CHART = "#d62728"
 
 
 def use_book_style() -> None:
-    """Apply :data:`BOOK_STYLE` to matplotlib and, inside a Jupyter kernel, show figures as SVG.
+    """Apply ``BOOK_STYLE`` to matplotlib and, inside a Jupyter kernel, show figures as SVG.
 
     Idempotent; changes only matplotlib's settings (call it from a notebook's setup cell)."""
     mpl.rcParams.update(BOOK_STYLE)
@@ -57,7 +57,7 @@ def use_book_style() -> None:
 
 def color(label: str) -> str:
     """The book's colour for the configuration a ``label`` names (matched case-insensitively against
-    :data:`PALETTE`'s keywords in order); a label matching none gets a fixed colour derived from its text."""
+    ``PALETTE``'s keywords in order); a label matching none gets a fixed colour derived from its text."""
     text = label.lower()
     for keyword, value in PALETTE:
         if keyword in text.replace("_", " ").replace("-", " ").split() or (len(keyword) > 3 and keyword in text):
