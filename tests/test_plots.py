@@ -133,6 +133,7 @@ def test_book_style_sets_readable_svg_text(monkeypatch):
 @pytest.mark.parametrize("label, same_as", [
     ("plain", "no clipping"), ("clip ‖g‖≤1", "clip by norm"), ("BatchNorm + clip", "batchnorm"),
     ("residual, a = 1/√32", "Residual"), ("SkipInit", "skipinit (learned a)"), ("warmup 200 steps", "warmup"),
+    ("AGC, lambda = 0.005", "agc"),
 ])
 def test_one_colour_per_configuration(label, same_as):
     assert gs.plots.color(label) == gs.plots.color(same_as)
@@ -141,7 +142,8 @@ def test_one_colour_per_configuration(label, same_as):
 def test_configurations_get_different_colours():
     names = ["plain", "clip", "clip by value", "batchnorm", "layernorm", "residual", "skipinit", "agc", "warmup"]
     assert len({gs.plots.color(n) for n in names}) == len(names)
-    assert gs.plots.color("something else").startswith("#")
+    others = {gs.plots.color(name) for name in ("LSTM", "GRU", "something else", "a model")}
+    assert others <= set(gs.plots.OTHER_COLORS) and not others & {value for _, value in gs.plots.PALETTE}
 
 
 def test_label_colors_falls_back_when_two_labels_share_a_colour():
@@ -164,6 +166,8 @@ def test_clip_axis_marks_the_points_beyond_the_limit():
 def test_clip_axis_marks_nothing_when_everything_fits_and_rejects_bad_limits():
     fig, ax = plt.subplots()
     ax.plot([0, 1], [1.0, 2.0])
+    ax.axvline(0.5)
+    ax.axhline(100.0)  # reference lines are drawn partly in axes coordinates: never marked
     assert gs.plots.clip_axis(ax, 10.0, bottom=0.5) == 0 and ax.get_legend() is None
     with pytest.raises(ValueError, match="bottom"):
         gs.plots.clip_axis(ax, 1.0, bottom=2.0)

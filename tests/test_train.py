@@ -482,3 +482,13 @@ def test_summary_says_what_the_named_layer_means():
     h.reason = "gradient became non-finite"
     assert h.summary().endswith("first non-finite gradient in layer b, parameter a.weight")
     assert "loss=" not in repr(h)  # the per-step lists stay out of the repr
+
+
+@pytest.mark.parametrize("n, text", [(1, "1 rollback,"), (2, "2 rollbacks,")])
+def test_report_counts_rollbacks_in_english(n, text):
+    from gradstab.guard import Event
+
+    events = [Event(step=s, kind="rollback", reason="non-finite gradient") for s in range(n)]
+    h = History(loss=[1.0] * 3, layer_names=["a"], grad_norms=torch.ones(3, 1), act_grad_norms=torch.zeros(0, 1),
+                update_ratios=torch.zeros(0, 1), events=events, config={"rollback": True}, test_accuracy=0.5)
+    assert text in h.report() and text.rstrip(",") in h.summary()

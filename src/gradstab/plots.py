@@ -9,6 +9,7 @@ axis with a marker where a value leaves the chart.
 from __future__ import annotations
 
 import math
+import re
 
 import matplotlib as mpl
 import matplotlib.pyplot as plt
@@ -38,7 +39,8 @@ PALETTE = (
     ("agc", "#8c564b"), ("value", "#e377c2"), ("clip", "#1f77b4"), ("warmup", "#ff7f0e"),
     ("adam", "#7f7f7f"), ("dropout", "#aec7e8"), ("l2", "#ffbb78"), ("weight decay", "#ffbb78"),
 )
-OFF_CHART = "#d62728"
+#: Colours for labels that name no configuration (a model family, a data set), none of them in ``PALETTE``.
+OTHER_COLORS = ("#393b79", "#1b6b5f", "#8c6d31", "#843c39", "#7b4173", "#5a6b7b")
 
 
 def use_book_style() -> None:
@@ -59,11 +61,11 @@ def color(label: str) -> str:
     """The book's colour for the configuration a ``label`` names (matched case-insensitively against
     ``PALETTE``'s keywords in order); a label matching none gets a fixed colour derived from its text."""
     text = label.lower()
+    words = re.sub(r"[^\w]+", " ", text).split()
     for keyword, value in PALETTE:
-        if keyword in text.replace("_", " ").replace("-", " ").split() or (len(keyword) > 3 and keyword in text):
+        if keyword in words or (len(keyword) > 3 and keyword in text):
             return value
-    cycle = mpl.rcParams["axes.prop_cycle"].by_key()["color"]
-    return mpl.colors.to_hex(cycle[sum(map(ord, label)) % len(cycle)])
+    return OTHER_COLORS[sum(map(ord, label)) % len(OTHER_COLORS)]
 
 
 def clip_axis(ax, top: float, bottom: float | None = None, label: str = "off the chart") -> int:
@@ -76,6 +78,8 @@ def clip_axis(ax, top: float, bottom: float | None = None, label: str = "off the
         raise ValueError(f"bottom must be below top; got bottom={bottom!r}, top={top!r}")
     marked = 0
     for line in list(ax.get_lines()):
+        if not line.get_transform().contains_branch(ax.transData):
+            continue  # axvline/axhline: drawn partly in axes coordinates, never off the chart
         x, y = (torch.as_tensor(v, dtype=torch.float64) for v in line.get_data())
         high = y > top
         low = y < bottom if bottom is not None else torch.zeros_like(high)

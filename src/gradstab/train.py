@@ -86,7 +86,7 @@ class History:
         c = self.config
         guarded = c.get("skip_nonfinite") or c.get("rollback") or c.get("amp")
         text = f", {len(self.skipped)} skipped" if guarded else ""
-        text += f", {len(self.rollbacks)} rollbacks" if c.get("rollback") else ""
+        text += f", {_count(len(self.rollbacks), 'rollback')}" if c.get("rollback") else ""
         return text + (f", final scale {self.scale[-1]:g}" if c.get("amp") and self.scale else "")
 
     def _where(self) -> str:
@@ -110,9 +110,14 @@ class History:
     def report(self) -> str:
         """One line per intervention, then the outcome."""
         lines = [str(e) for e in self.events]
-        outcome = f"{self.steps} steps, {len(self.skipped)} skipped, {len(self.rollbacks)} rollbacks, "
+        outcome = f"{self.steps} steps, {len(self.skipped)} skipped, {_count(len(self.rollbacks), 'rollback')}, "
         lines.append(outcome + (self.summary() if self.diverged else f"test accuracy {self.test_accuracy:.1%}"))
         return "\n".join(lines)
+
+
+def _count(n: int, noun: str) -> str:
+    """``"1 rollback"``, ``"2 rollbacks"``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 @torch.no_grad()
