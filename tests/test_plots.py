@@ -146,9 +146,14 @@ def test_configurations_get_different_colours():
     assert others <= set(gs.plots.OTHER_COLORS) and not others & {value for _, value in gs.plots.PALETTE}
 
 
-def test_label_colors_falls_back_when_two_labels_share_a_colour():
+def test_label_colors_shade_labels_that_share_a_configuration():
     assert gs.plots.label_colors(["plain", "clip"]) == {name: gs.plots.color(name) for name in ("plain", "clip")}
-    assert gs.plots.label_colors(["plain lr 0.1", "plain lr 1"]) == {"plain lr 0.1": None, "plain lr 1": None}
+    shades = gs.plots.label_colors(["residual a=1", "residual a=1/4", "residual a=1/16", "plain"])
+    assert len(set(shades.values())) == 4 and shades["plain"] == gs.plots.color("plain")
+    purple = matplotlib.colors.to_rgb(gs.plots.color("residual"))
+    residuals = ("residual a=1", "residual a=1/4", "residual a=1/16")
+    lightness = [sum(matplotlib.colors.to_rgb(shades[k])) for k in residuals]
+    assert lightness == sorted(lightness) and lightness[0] < sum(purple) < lightness[-1]
 
 
 def test_clip_axis_marks_the_points_beyond_the_limit():

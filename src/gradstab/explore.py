@@ -1,12 +1,17 @@
 """Slider explorers over depth x learning rate x remedy.
 
-Two faces of one idea:
+Two faces of one idea, one engine and one drawing:
 
 * :func:`live_explorer` (Jupyter with a kernel): ipywidgets sliders; every move retrains a
-  small CNN and redraws its loss curve and per-layer gradient norms.
-* :func:`static_explorer` (the rendered book, no kernel, no network): a grid of runs
-  computed when the notebook executes, embedded as JSON in the cell's HTML together with
-  ``<input type="range">`` sliders and a few lines of JavaScript that draw inline SVG.
+  small network with :func:`run_one` and redraws its loss curve and per-layer gradient norms.
+* :func:`static_explorer` (the rendered book, no kernel, no network): a grid of runs trained by
+  the same :func:`run_one` when the notebook executes (:func:`grid`); each setting's figure is
+  drawn by the same :func:`svg_figure` and embedded in the page, and a few lines of JavaScript
+  swap in the chosen setting's figure and status line.
+
+Every run ends in one of three states (:func:`state`): *diverged* (a loss or gradient became
+non-finite), *stalled* (finite, but test accuracy below :data:`STALL_ACCURACY`, near chance) or
+*learned*. Both explorers print the same :func:`status_line`.
 
 A *variant* names the remedies switched on: ``"plain"`` or a ``+``-joined subset of
 ``batchnorm``, ``residual`` (branch scaled by 1/sqrt(depth)) and ``clip`` (global norm 1).
@@ -33,7 +38,7 @@ from .train import History, train
 
 REMEDIES = ("batchnorm", "residual", "clip")
 CLIP_NORM = 1.0
-LOSS_AXIS = (1e-3, 1e3)  # loss-axis limits: a loss above 1e3 has exploded, and is drawn at the top
+LOSS_AXIS = (1e-3, 1e3)  # loss-axis limits: a loss above 1e3 has exploded, and is marked on the top edge
 _ids = itertools.count()
 
 
@@ -101,28 +106,108 @@ def _stop_if(cancelled) -> None:
 
 def grid(data: Split, depths: Sequence[int], lrs: Sequence[float],
          variants: Sequence[str] = ("plain", "batchnorm", "residual", "clip"), *, arch: str = "mlp",
-         steps: int = 60, width: int | None = None, batch_size: int = 64, seed: int | None = None) -> list[History]:
-    """Every (variant, depth, lr), trained as :func:`run_one` would: the input :func:`static_explorer` expects.
+         steps: int = 60, width: int | None = None, batch_size: int = 64, seeds: Sequence[int] | None = None
+         ) -> list[History]:
+    """Every (variant, depth, lr, seed), each trained by :func:`run_one`: the input :func:`static_explorer` expects.
 
-    All learning rates of one depth and variant train at once through :func:`gradstab.sweep.sweep`.
+    The runs go through the same code path as the live explorer's (:func:`run_one`, that is
+    :func:`gradstab.train.train`), so a setting shows the same numbers in both explorers on one
+    machine. ``seeds`` (default: the one seed :func:`~gradstab.device.base_seed`) are recorded in
+    ``history.config["seed"]``. Returns the runs variant-major, then depth, then lr, then seed.
     """
-    from .sweep import sweep
-
     one_of("arch", arch, ARCHS)
+    seeds = [resolve_seed(None)] if seeds is None else [resolve_seed(s) for s in seeds]
+    if not seeds:
+        raise ValueError("seeds must hold at least one seed, got an empty sequence")
+    for variant in variants:
+        variant_flags(variant)
     if arch == "mlp" and data.x_train.ndim > 2:
         data = data.flat()
     runs = []
     for variant in variants:
         for depth in depths:
-            model_kw, train_kw = variant_kwargs(variant, depth)
-            for history in sweep(data, lrs, depth=depth, seeds=(resolve_seed(seed),), steps=steps,
-                                 batch_size=batch_size, arch=arch, width=width or _WIDTH[arch], **model_kw, **train_kw):
-                history.config.update(depth=depth, variant=variant, arch=arch)
-                runs.append(history)
+            for lr in lrs:
+                for seed in seeds:
+                    history = run_one(data, depth, lr, variant, arch=arch, steps=steps, width=width,
+                                      batch_size=batch_size, seed=seed)
+                    history.config["seed"] = seed
+                    runs.append(history)
     return runs
 
 
-# --- static explorer: JSON + range sliders + inline SVG, no kernel ------------------------------
+# --- what happened in a run: diverged, stalled or learned --------------------------------------
+
+CHANCE_ACCURACY = 0.1  # ten digit classes: guessing is right one time in ten
+STALL_ACCURACY = 0.2  # THE rule: a finite run whose test accuracy is below this has stalled near chance
+STALL_LOSS = 0.9 * math.log(10)  # only when accuracy was not measured: a final loss above this counts as stalled
+FINAL_STEPS = 10  # "final loss" = mean training loss of the last FINAL_STEPS steps
+STATES = ("diverged", "stalled", "learned")
+STATE_COLORS = {"diverged": "#d62728", "stalled": "#a65f00", "learned": ""}
+
+
+def final_loss(history: History) -> float:
+    """Mean training loss over the last :data:`FINAL_STEPS` steps (nan without finite steps)."""
+    tail = [v for v in history.loss[-FINAL_STEPS:] if math.isfinite(v)]
+    return sum(tail) / len(tail) if tail else math.nan
+
+
+def measured_accuracy(history: History) -> float | None:
+    """The run's test accuracy, or None when it was not measured (a NaN)."""
+    acc = history.test_accuracy
+    return None if acc is None or not math.isfinite(acc) else float(acc)
+
+
+def state(history: History) -> str:
+    """``"diverged"`` (a loss or gradient became non-finite), ``"stalled"`` (finite, but test accuracy below
+    :data:`STALL_ACCURACY`; when no accuracy was measured, final loss above :data:`STALL_LOSS`) or ``"learned"``."""
+    if history.diverged:
+        return "diverged"
+    acc = measured_accuracy(history)
+    if acc is not None:
+        return "stalled" if acc < STALL_ACCURACY else "learned"
+    loss = final_loss(history)
+    return "stalled" if not math.isfinite(loss) or loss > STALL_LOSS else "learned"
+
+
+def _layer(history: History) -> str:
+    """``"; layer 5 (blocks.4.layer)"``: the index the figure's layer axis uses, and the layer's name."""
+    layer = history.diverged_layer
+    if layer is None:
+        return ""
+    names = list(history.layer_names)
+    return f"; layer {names.index(layer)} ({layer})" if layer in names else f"; layer {layer}"
+
+
+def outcome(history: History) -> str:
+    """The status line's verdict: ``"✗ diverged at step 36 (...; layer 3)"``, ``"– stalled: ..."`` or
+    ``"✓ learned: ..."``. An accuracy is shown only when it was measured."""
+    kind = state(history)
+    if kind == "diverged":
+        return f"✗ diverged at step {history.diverged_step} ({history.reason}{_layer(history)})"
+    loss, acc = final_loss(history), measured_accuracy(history)
+    if kind == "stalled":
+        if acc is not None:
+            return (f"– stalled: test accuracy {acc:.0%}, final loss {loss:.3g} (chance is {CHANCE_ACCURACY:.0%}; "
+                    f"stalled means below {STALL_ACCURACY:.0%})")
+        return (f"– stalled: final loss {loss:.3g}, test accuracy not measured (guessing gives ln 10 = "
+                f"{math.log(10):.2f}; stalled means a loss above {STALL_LOSS:.2f})")
+    tested = f", test accuracy {acc:.0%}" if acc is not None else " (test accuracy not measured)"
+    return f"✓ learned: final loss {loss:.3g}{tested}"
+
+
+def _lr_text(lr: float) -> str:
+    return f"{lr:.3g}"
+
+
+def status_line(history: History) -> str:
+    """``"depth 8, learning rate 0.1, plain: "`` followed by :func:`outcome`; both explorers show this line."""
+    cfg = history.config
+    variant = cfg.get("variant") or _key(history)[2]
+    return f"depth {cfg.get('depth')}, learning rate {_lr_text(float(cfg.get('lr', math.nan)))}, {variant}: " + \
+        outcome(history)
+
+
+# --- static explorer: per-setting SVG strings + range sliders, no kernel -----------------------
 
 def _num(x: float, digits: int = 3):
     """Round to ``digits`` significant digits; non-finite values become None (JSON null)."""
@@ -133,15 +218,15 @@ def _num(x: float, digits: int = 3):
 def _key(h: History) -> tuple[int, float, str]:
     cfg = h.config
     if "depth" not in cfg or "lr" not in cfg:
-        raise ValueError("histories must have config['depth'] and config['lr'] (use gs.explore.grid or "
-                         f"gs.sweep_grid); got config keys {sorted(cfg)}")
+        raise ValueError("histories must have config['depth'] and config['lr'] (use gs.explore.grid); "
+                         f"got config keys {sorted(cfg)}")
     variant = cfg.get("variant") or variant_name(cfg.get("norm", "none") != "none", bool(cfg.get("residual")),
                                                  cfg.get("max_norm") is not None)
     return int(cfg["depth"]), float(cfg["lr"]), str(variant)
 
 
 def _pack(h: History, max_points: int) -> dict:
-    """The numbers one setting needs on the page, rounded."""
+    """The numbers one setting's figure needs, rounded (non-finite values become None)."""
     stride = max(1, math.ceil(h.steps / max_points))
     rows = h.grad_norms
     finite_rows = [i for i in range(rows.shape[0]) if bool(torch.isfinite(rows[i]).all())]
@@ -150,57 +235,67 @@ def _pack(h: History, max_points: int) -> dict:
         stride=stride, loss=[_num(v) for v in h.loss[::stride]],
         g0=[_num(v) for v in rows[0].tolist()] if rows.shape[0] else [],
         glast=[_num(v) for v in rows[last].tolist()] if rows.shape[0] else [], glast_step=last,
-        diverged=bool(h.diverged), dstep=h.diverged_step, dlayer=h.diverged_layer, reason=h.reason,
-        acc=_num(h.test_accuracy), steps=h.steps,
+        diverged=bool(h.diverged), dstep=h.diverged_step, steps=h.steps,
     )
 
 
 def _range(values: Iterable, decades: float, lowest: float = 0.0, highest: float = math.inf) -> tuple[float, float]:
-    """Log-axis limits: ``decades`` either side of the median positive value, within the data's own
-    extent and [lowest, highest]. Outliers (an exploding run) are drawn at the edge instead of
-    squashing every other curve into one line."""
+    """Log-axis limits on whole decades: ``decades`` either side of the median positive value, within the
+    data's own extent and [lowest, highest]. Values outside are marked on the frame (off the chart) instead
+    of squashing every other curve into one line."""
     pos = sorted(v for v in values if v is not None and v > 0)
     if not pos:
-        return max(lowest, 1e-3), 1.0
+        return max(lowest, 1e-3), max(lowest * 10, 1.0)
     mid = pos[len(pos) // 2]
     hi = min(pos[-1], mid * 10**decades, highest)
     lo = max(pos[0], mid / 10**decades, lowest)
-    return min(lo, hi / 10), hi
+    k0 = math.floor(math.log10(min(lo, hi)) + 1e-9)
+    k1 = max(math.ceil(math.log10(hi) - 1e-9), k0 + 1)
+    return 10.0**k0, 10.0**k1
 
 
 def grid_payload(histories: Sequence[History], max_points: int = 200) -> dict:
-    """The JSON-ready content of a static explorer (also handy for tests)."""
+    """The content of a static explorer: for every setting its status line, state and SVG figure
+    (drawn by :func:`svg_figure` on axes shared by the whole grid)."""
     if not histories:
         raise ValueError("histories must be a non-empty list of gs.History (e.g. from gs.explore.grid)")
     keyed = {}
     for h in histories:
         key = _key(h)
         if key in keyed:
-            raise ValueError(f"histories holds two runs for depth={key[0]}, lr={key[1]:g}, variant={key[2]!r}")
+            raise ValueError(f"histories holds two runs for depth={key[0]}, lr={key[1]:g}, variant={key[2]!r} "
+                             "(pass one seed's runs)")
         keyed[key] = h
     depths = sorted({k[0] for k in keyed})
     lrs = sorted({k[1] for k in keyed})
     variants = list(dict.fromkeys(k[2] for k in keyed))
-    runs = {f"{depths.index(d)}_{lrs.index(lr)}_{variants.index(v)}": _pack(h, max_points)
-            for (d, lr, v), h in keyed.items()}
-    losses = [x for r in runs.values() for x in r["loss"]]
-    grads = [x for r in runs.values() for x in r["g0"] + r["glast"]]
-    return dict(depths=depths, lrs=lrs, variants=variants, runs=runs,
-                loss_range=_range(losses, 3, *LOSS_AXIS), grad_range=_range(grads, 4),
-                max_steps=max(h.steps for h in histories),
-                max_layers=max(len(r["g0"]) for r in runs.values()))
+    packs = {key: _pack(h, max_points) for key, h in keyed.items()}
+    loss_range = _range([x for r in packs.values() for x in r["loss"]], 3, *LOSS_AXIS)
+    grad_range = _range([x for r in packs.values() for x in r["g0"] + r["glast"]], 4)
+    runs = {}
+    for (d, lr, v), h in keyed.items():
+        runs[f"{depths.index(d)}_{lrs.index(lr)}_{variants.index(v)}"] = dict(
+            state=state(h), status=status_line(h),
+            svg=svg_figure(h, max_points, loss_range=loss_range, grad_range=grad_range, packed=packs[d, lr, v]))
+    return dict(depths=depths, lrs=lrs, lr_labels=[_lr_text(lr) for lr in lrs], variants=variants, runs=runs,
+                colors=STATE_COLORS, loss_range=loss_range, grad_range=grad_range)
+
+
+def _script_safe(text: str) -> str:
+    """JSON text that cannot end or confuse the ``<script>`` element holding it."""
+    return text.replace("</", "<\\/").replace("<!--", "\\u003c!--").replace("<script", "\\u003cscript")
 
 
 class StaticExplorer:
     """A kernel-free explorer: display it (its ``_repr_html_``) in a notebook cell."""
 
     def __init__(self, histories: Sequence[History], title: str = "Depth × learning rate explorer",
-                 max_points: int = 200):
+                 max_points: int = 200, notice: str = ""):
         self.payload = grid_payload(histories, max_points)
-        self.title = title
-        blob = json.dumps(self.payload, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        self.title, self.notice = title, notice
+        blob = json.dumps(self.payload, sort_keys=True, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
         self.id = f"gsx-{hashlib.sha1(blob.encode()).hexdigest()[:10]}-{next(_ids)}"
-        self._json = blob.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+        self._json = _script_safe(blob)
 
     def __repr__(self) -> str:
         p = self.payload
@@ -212,207 +307,267 @@ class StaticExplorer:
         radios = "".join(
             f'<label style="margin-right:1em"><input type="radio" name="{i}-variant" value="{k}"'
             f'{" checked" if k == 0 else ""}> {escape(v)}</label>' for k, v in enumerate(p["variants"]))
-        last_lr = len(p["lrs"]) - 1
+        dval, lval = (len(p["depths"]) - 1) // 2, (len(p["lrs"]) - 1) // 2
+        first = p["runs"].get(f"{dval}_{lval}_0", {"svg": "", "status": "", "state": "learned"})
+        notice = (f'<div class="gsx-notice" style="margin-bottom:4px"><i>What to notice:</i> {escape(self.notice)}'
+                  '</div>') if self.notice else ""
         return _HTML.format(
-            id=i, title=escape(self.title), json=self._json, radios=radios, js=_JS.replace("__ID__", i),
-            dmax=len(p["depths"]) - 1, dval=(len(p["depths"]) - 1) // 2, lmax=last_lr, lval=last_lr // 2,
+            id=i, title=escape(self.title), notice=notice, json=self._json, radios=radios, js=_JS.replace("__ID__", i),
+            dmax=len(p["depths"]) - 1, dval=dval, lmax=len(p["lrs"]) - 1, lval=lval,
+            dout=p["depths"][dval], lout=p["lr_labels"][lval], status=escape(first["status"]),
+            color=STATE_COLORS[first["state"]], svg=first["svg"],
         )
+
+    def size(self) -> int:
+        """Bytes of the explorer's HTML (UTF-8): the weight it adds to its page."""
+        return len(self._repr_html_().encode())
 
 
 def static_explorer(histories: Sequence[History], title: str = "Depth × learning rate explorer",
-                    max_points: int = 200) -> StaticExplorer:
-    """Explorer over precomputed runs (``config`` must hold depth, lr and variant) that needs no kernel."""
-    return StaticExplorer(histories, title, max_points)
+                    max_points: int = 200, notice: str = "") -> StaticExplorer:
+    """Explorer over precomputed runs (``config`` must hold depth, lr and variant; one run per setting) that
+    needs no kernel. ``notice`` is the one line under the title that says what to look for."""
+    return StaticExplorer(histories, title, max_points, notice)
 
 
 _HTML = """<div id="{id}" class="gsx-explorer" style="font:13px sans-serif;max-width:760px;\
 border:1px solid #8884;border-radius:6px;padding:8px 12px;margin:8px 0">
 <div style="font-weight:bold;margin-bottom:4px">{title}</div>
-<div><label>depth <input type="range" class="gsx-depth" min="0" max="{dmax}" step="1" value="{dval}" \
-aria-label="depth"> <output class="gsx-depth-out"></output></label>
+{notice}<div><label>depth <input type="range" class="gsx-depth" min="0" max="{dmax}" step="1" value="{dval}" \
+aria-label="depth"> <output class="gsx-depth-out">{dout}</output></label>
 <label style="margin-left:1.5em">learning rate <input type="range" class="gsx-lr" min="0" max="{lmax}" \
-step="1" value="{lval}" aria-label="learning rate (log scale)"> <output class="gsx-lr-out"></output></label></div>
+step="1" value="{lval}" aria-label="learning rate (log scale)"> <output class="gsx-lr-out">{lout}</output></label></div>
 <div style="margin:4px 0">remedy: {radios}</div>
-<div class="gsx-status" role="status" style="margin:4px 0;font-weight:bold"></div>
-<svg class="gsx-svg" viewBox="0 0 720 290" width="100%" role="img" aria-label="loss curve and per-layer \
-gradient norms for the chosen setting" style="max-width:720px;color:inherit"></svg>
+<div class="gsx-status" role="status" style="margin:4px 0;font-weight:bold;color:{color}">{status}</div>
+<div class="gsx-figure">{svg}</div>
 <script type="application/json" id="{id}-data">{json}</script>
 <script>{js}</script>
 </div>"""
 
-# Kept short on purpose: read values from the sliders, pick the run, draw two log-scale panels.
+# All drawing happens in Python (svg_figure); the script only swaps in the chosen setting's figure and status.
 _JS = r"""(function () {
 var root = document.getElementById("__ID__");
 var D = JSON.parse(document.getElementById("__ID__-data").textContent);
-var NS = "http://www.w3.org/2000/svg", svg = root.querySelector(".gsx-svg");
 function q(s) { return root.querySelector(s); }
-function el(tag, a, text) {
-  var e = document.createElementNS(NS, tag);
-  for (var k in a) e.setAttribute(k, a[k]);
-  if (text !== undefined) e.textContent = text;
-  svg.appendChild(e); return e;
+function show() {
+  var di = +q(".gsx-depth").value, li = +q(".gsx-lr").value, c = q("input[type=radio]:checked");
+  var vi = c ? +c.value : 0, r = D.runs[di + "_" + li + "_" + vi], st = q(".gsx-status");
+  q(".gsx-depth-out").textContent = D.depths[di]; q(".gsx-lr-out").textContent = D.lr_labels[li];
+  var setting = D.depths[di] + "|" + D.lrs[li] + "|" + D.variants[vi];
+  q(".gsx-figure").innerHTML = r ? r.svg : '<svg class="gsx-svg" viewBox="0 0 720 20"></svg>';
+  q(".gsx-svg").setAttribute("data-setting", setting);
+  st.textContent = r ? r.status : "depth " + D.depths[di] + ", learning rate " + D.lr_labels[li] + ", " +
+                   D.variants[vi] + ": no run was computed for this setting";
+  st.style.color = r ? D.colors[r.state] : "";
 }
-function fmt(v) { return v >= 0.01 && v < 1000 ? String(+v.toPrecision(3)) : v.toExponential(1); }
-function panel(x0, title, xlabel, ylabel, xmax, yr) {
-  var x1 = x0 + 270, y0 = 40, y1 = 240, l0 = Math.log10(yr[0]), l1 = Math.log10(yr[1]);
-  var P = {x: function (i) { return x0 + i / Math.max(xmax, 1) * (x1 - x0); },
-           y: function (v) { var t = (Math.log10(Math.min(Math.max(v, yr[0]), yr[1])) - l0) / (l1 - l0);
-                             return y1 - t * (y1 - y0); }, top: y0, x1: x1};
-  el("rect", {x: x0, y: y0, width: x1 - x0, height: y1 - y0, fill: "none", stroke: "currentColor"});
-  el("text", {x: (x0 + x1) / 2, y: 26, "text-anchor": "middle", "font-weight": "bold", fill: "currentColor"}, title);
-  el("text", {x: (x0 + x1) / 2, y: 275, "text-anchor": "middle", fill: "currentColor"}, xlabel);
-  el("text", {x: x0 - 44, y: 140, "text-anchor": "middle", fill: "currentColor",
-              transform: "rotate(-90 " + (x0 - 44) + " 140)"}, ylabel);
-  var step = Math.max(1, Math.ceil((l1 - l0) / 6));
-  for (var k = Math.ceil(l0); k <= Math.floor(l1); k += step) {
-    var y = P.y(Math.pow(10, k));
-    el("line", {x1: x0 - 4, x2: x0, y1: y, y2: y, stroke: "currentColor"});
-    el("text", {x: x0 - 6, y: y + 4, "text-anchor": "end", "font-size": 10, fill: "currentColor"}, "1e" + k);
-  }
-  for (var j = 0; j <= 4; j++) {
-    var xv = Math.round(xmax * j / 4);
-    el("text", {x: P.x(xv), y: 254, "text-anchor": "middle", "font-size": 10, fill: "currentColor"}, xv);
-  }
-  return P;
-}
-function line(P, xs, ys, color, label, ly) {
-  var d = "", pen = false;
-  for (var i = 0; i < ys.length; i++) {
-    if (ys[i] === null) { pen = false; continue; }
-    d += (pen ? "L" : "M") + P.x(xs[i]).toFixed(1) + " " + P.y(ys[i]).toFixed(1); pen = true;
-  }
-  el("path", {d: d, fill: "none", stroke: color, "stroke-width": 2});
-  if (label) {
-    el("line", {x1: P.x1 - 110, x2: P.x1 - 92, y1: ly, y2: ly, stroke: color, "stroke-width": 2});
-    el("text", {x: P.x1 - 88, y: ly + 4, "font-size": 10, fill: "currentColor"}, label);
-  }
-}
-function cross(x, y) {
-  el("path", {d: "M" + (x - 6) + " " + (y - 6) + "L" + (x + 6) + " " + (y + 6) + "M" + (x - 6) + " " + (y + 6) +
-              "L" + (x + 6) + " " + (y - 6), stroke: "#d62728", "stroke-width": 3, class: "gsx-diverged"});
-}
-function draw() {
-  var di = +q(".gsx-depth").value, li = +q(".gsx-lr").value, vi = 0;
-  var checked = q("input[type=radio]:checked"); if (checked) vi = +checked.value;
-  var depth = D.depths[di], lr = D.lrs[li], variant = D.variants[vi];
-  q(".gsx-depth-out").textContent = depth; q(".gsx-lr-out").textContent = fmt(lr);
-  var r = D.runs[di + "_" + li + "_" + vi], st = q(".gsx-status");
-  while (svg.firstChild) svg.removeChild(svg.firstChild);
-  svg.setAttribute("data-setting", depth + "|" + lr + "|" + variant);
-  if (!r) { st.textContent = "no run was computed for this setting"; st.style.color = ""; return; }
-  var A = panel(60, "Training loss", "training step", "loss (log)", D.max_steps - 1, D.loss_range);
-  var xs = r.loss.map(function (v, i) { return i * r.stride; });
-  line(A, xs, r.loss, "#1f77b4");
-  var B = panel(430, "Gradient norm per layer", "layer (0 = input side)", "‖grad‖ (log)",
-                D.max_layers - 1, D.grad_range);
-  var idx = r.g0.map(function (v, i) { return i; });
-  line(B, idx, r.g0, "#2ca02c", "step 0", B.top + 14);
-  line(B, idx, r.glast, "#ff7f0e", "step " + r.glast_step, B.top + 28);
-  if (r.diverged) {
-    var last = -1;
-    for (var i = 0; i < r.loss.length; i++) if (r.loss[i] !== null) last = i;
-    cross(A.x(r.dstep), last >= 0 && last * r.stride === r.dstep ? A.y(r.loss[last]) : A.top);
-    st.textContent = "✗ diverged at step " + r.dstep + " (" + r.reason + "; layer " + r.dlayer + ")";
-    st.style.color = "#d62728";
-  } else {
-    st.textContent = "✓ trained " + r.steps + " steps: final loss " + fmt(r.loss[r.loss.length - 1]) +
-                     ", test accuracy " + Math.round(100 * r.acc) + "%";
-    st.style.color = "";
-  }
-  st.textContent = "depth " + depth + ", learning rate " + fmt(lr) + ", " + variant + ": " + st.textContent;
-}
-root.addEventListener("input", draw);
-root.addEventListener("change", draw);
-draw();
+root.addEventListener("input", show);
+root.addEventListener("change", show);
+show();
 })();"""
 
 
-def svg_figure(history: History, max_points: int = 200) -> str:
-    """Loss curve and per-layer gradient norms as an inline SVG string (the live explorer's figure).
+# --- the one drawing: loss curve and per-layer gradient norms as inline SVG ---------------------
 
-    Draws what the static explorer's JavaScript draws, in Python: a millisecond, where a
-    matplotlib figure costs a large part of the one-second budget on a small CPU.
+_TOP, _BOTTOM = 44, 224  # the panels' frame, in SVG units (viewBox 720 x 266)
+_PANEL_W = 270
+
+
+def _f(v: float) -> str:
+    """A coordinate with at most one decimal and no trailing ``.0`` (the page carries many of them)."""
+    text = f"{v:.1f}"
+    return text[:-2] if text.endswith(".0") else text
+
+
+def _fmt(v: float) -> str:
+    if 0.01 <= v < 1000:
+        return f"{v:.3g}"
+    return f"1e{round(math.log10(v))}" if abs(math.log10(v) - round(math.log10(v))) < 1e-9 else f"{v:.0e}"
+
+
+def _log_ticks(lo: float, hi: float) -> list[float]:
+    """At least two labelled ticks on a decade-aligned log axis [lo, hi]: 1-2-5 ticks within one decade,
+    evenly spaced decades otherwise."""
+    k0, k1 = round(math.log10(lo)), round(math.log10(hi))
+    if k1 - k0 <= 1:
+        return [lo, 2 * lo, 5 * lo, hi]
+    step = math.ceil((k1 - k0) / 6)
+    return [10.0**k for k in range(k0, k1 + 1, step)]
+
+
+def _int_ticks(top: int) -> list[int]:
+    """Evenly spaced integer ticks 0, s, 2s, ... <= top, with s from 1, 2, 5, 10, 20, ... and at most 7 ticks."""
+    step = 1
+    while top / step > 6:
+        step = step * 5 // 2 if str(step)[0] == "2" else step * 2
+    return list(range(0, max(top, 0) + 1, step))
+
+
+def svg_figure(history: History, max_points: int = 200, *, loss_range: tuple[float, float] | None = None,
+               grad_range: tuple[float, float] | None = None, packed: dict | None = None) -> str:
+    """Loss curve and per-layer gradient norms of one run as an inline SVG string: the figure of both explorers.
+
+    Log axes run over whole decades with at least two labelled ticks; ``loss_range``/``grad_range`` fix them
+    (the static explorer shares one range over its grid), else they fit this run. A value beyond an axis ends
+    its line at the frame, where a triangle marks it (class ``gsx-off``); a red-bordered × marks the step where
+    a run diverged (class ``gsx-diverged``). Drawing takes about a millisecond, where a matplotlib figure costs
+    a large part of the live explorer's one-second budget on a small CPU.
     """
-    r = _pack(history, max_points)
-    parts = [f'<svg class="gsx-svg" viewBox="0 0 720 290" width="100%" style="max-width:720px" role="img" '
-             f'data-setting="{history.config.get("depth")}|{history.config.get("lr")}|'
-             f'{history.config.get("variant")}">']
-    a = _SvgPanel(parts, 60, "Training loss", "training step", "loss (log)", max(history.steps - 1, 1),
-                  _range(r["loss"], 3, *LOSS_AXIS))
-    a.line([i * r["stride"] for i in range(len(r["loss"]))], r["loss"], "#1f77b4")
-    b = _SvgPanel(parts, 430, "Gradient norm per layer", "layer (0 = input side)", "‖grad‖ (log)",
-                  max(len(r["g0"]) - 1, 1), _range(r["g0"] + r["glast"], 4))
-    idx = list(range(len(r["g0"])))
-    b.line(idx, r["g0"], "#2ca02c", "step 0", 0)
-    b.line(idx, r["glast"], "#ff7f0e", f"step {r['glast_step']}", 1)
+    r = packed or _pack(history, max_points)
+    cfg = history.config
+    color = _variant_color(str(cfg.get("variant") or _key(history)[2]))
+    setting = escape(f'{cfg.get("depth")}|{cfg.get("lr")}|{cfg.get("variant")}', quote=True)
+    parts = [f"<svg class='gsx-svg' viewBox='0 0 720 266' width='100%' style='max-width:720px' role='img' "
+             f"font-family='sans-serif' font-size='11' data-setting='{setting}' aria-label='loss curve and "
+             f"per-layer gradient norms'>"]
+    planned = max(int(cfg.get("steps") or 0), history.steps)  # a run that stopped early ends short of the axis
+    a = _SvgPanel(parts, 62, "Training loss", "training step", "loss (log scale)", max(planned - 1, 1),
+                  loss_range or _range(r["loss"], 3, *LOSS_AXIS))
+    a.line([i * r["stride"] for i in range(len(r["loss"]))], r["loss"], color)
+    legend_a = [("line", color, "loss")]
     if r["diverged"]:
         finite = [i for i, v in enumerate(r["loss"]) if v is not None]
         at_end = bool(finite) and finite[-1] * r["stride"] == r["dstep"]
         a.cross(r["dstep"], r["loss"][finite[-1]] if at_end else None)
+        legend_a.append(("cross", "#d62728", "diverged"))
+    n_layers = len(r["g0"])
+    b = _SvgPanel(parts, 432, "Gradient norm per layer", "layer (0 = input side)", "‖gradient‖ (log scale)",
+                  max(n_layers - 1, 1), grad_range or _range(r["g0"] + r["glast"], 4))
+    idx = list(range(n_layers))
+    b.line(idx, r["g0"], "currentColor", dash=True)
+    b.line(idx, r["glast"], color)
+    legend_b = [("dash", "currentColor", "step 0"), ("line", color, f"step {r['glast_step']}")]
+    for panel, legend in ((a, legend_a), (b, legend_b)):
+        if panel.off:
+            legend.append(("off", "currentColor", "off the axis"))
+        panel.legend(legend)
     parts.append("</svg>")
     return "".join(parts)
 
 
-class _SvgPanel:
-    """One log-y panel of :func:`svg_figure`, laid out like the static explorer's JavaScript."""
+def _variant_color(variant: str) -> str:
+    """The book's colour for a variant (gs.plots.color; the first remedy named wins)."""
+    from .plots import color
 
-    def __init__(self, parts: list, x0: float, title: str, xlabel: str, ylabel: str, xmax: float, yr):
-        self.parts, self.x0, self.x1, self.y0, self.y1 = parts, x0, x0 + 270, 40, 240
-        self.xmax, self.yr = xmax, yr
+    return color(variant.split("+")[0])
+
+
+class _SvgPanel:
+    """One log-y panel of :func:`svg_figure`: frame, ticks, labels, lines with off-axis marks, a legend above."""
+
+    def __init__(self, parts: list, x0: float, title: str, xlabel: str, ylabel: str, xmax: int, yr):
+        self.parts, self.x0, self.x1, self.xmax, self.yr = parts, x0, x0 + _PANEL_W, xmax, yr
         self.l0, self.l1 = math.log10(yr[0]), math.log10(yr[1])
-        mid = (self.x0 + self.x1) / 2
-        parts.append(f'<rect x="{x0}" y="40" width="270" height="200" fill="none" stroke="currentColor"/>'
-                     f'<text x="{mid}" y="26" text-anchor="middle" font-weight="bold" fill="currentColor">{title}'
-                     f'</text><text x="{mid}" y="275" text-anchor="middle" fill="currentColor">{xlabel}</text>'
-                     f'<text x="{x0 - 44}" y="140" text-anchor="middle" fill="currentColor" '
-                     f'transform="rotate(-90 {x0 - 44} 140)">{ylabel}</text>')
-        for k in range(math.ceil(self.l0), math.floor(self.l1) + 1, max(1, math.ceil((self.l1 - self.l0) / 6))):
-            y = self.y(10.0 ** k)
-            parts.append(f'<line x1="{x0 - 4}" x2="{x0}" y1="{y:.1f}" y2="{y:.1f}" stroke="currentColor"/>'
-                         f'<text x="{x0 - 6}" y="{y + 4:.1f}" text-anchor="end" font-size="10" '
-                         f'fill="currentColor">1e{k}</text>')
-        for j in range(5):
-            xv = round(xmax * j / 4)
-            parts.append(f'<text x="{self.x(xv):.1f}" y="254" text-anchor="middle" font-size="10" '
-                         f'fill="currentColor">{xv}</text>')
+        self.off = 0
+        mid, ymid = _f(x0 + _PANEL_W / 2), _f((_TOP + _BOTTOM) / 2)
+        yticks, xticks = _log_ticks(*yr), _int_ticks(xmax)
+        marks = "".join(f"M{x0 - 4} {_f(self.y(v))}h4" for v in yticks)
+        marks += "".join(f"M{_f(self.x(t))} {_BOTTOM}v4" for t in xticks)
+        parts.append(
+            f"<rect x='{x0}' y='{_TOP}' width='{_PANEL_W}' height='{_BOTTOM - _TOP}' fill='none' "
+            f"stroke='currentColor'/><path d='{marks}' stroke='currentColor'/><g fill='currentColor' "
+            f"text-anchor='middle'><text x='{mid}' y='14' font-weight='bold'>{escape(title)}</text><text x='{mid}' "
+            f"y='261'>{escape(xlabel)}</text><text x='{x0 - 44}' y='{ymid}' transform='rotate(-90 {x0 - 44} {ymid})'>"
+            f"{escape(ylabel)}</text><g font-size='10'>"
+            + "".join(f"<text x='{_f(self.x(t))}' y='240'>{t}</text>" for t in xticks)
+            + "</g><g font-size='10' text-anchor='end'>"
+            + "".join(f"<text x='{x0 - 6}' y='{_f(self.y(v) + 3.5)}'>{_fmt(v)}</text>" for v in yticks)
+            + "</g></g>")
 
     def x(self, i: float) -> float:
-        return self.x0 + i / max(self.xmax, 1) * (self.x1 - self.x0)
+        return self.x0 + i / max(self.xmax, 1) * _PANEL_W
+
+    def _ly(self, lv: float) -> float:
+        return _BOTTOM - (lv - self.l0) / (self.l1 - self.l0) * (_BOTTOM - _TOP)
 
     def y(self, v: float) -> float:
-        t = (math.log10(min(max(v, self.yr[0]), self.yr[1])) - self.l0) / (self.l1 - self.l0)
-        return self.y1 - t * (self.y1 - self.y0)
+        return self._ly(math.log10(min(max(v, self.yr[0]), self.yr[1])))
 
-    def line(self, xs, ys, color: str, label: str | None = None, row: int = 0) -> None:
-        d, pen = [], False
+    def line(self, xs, ys, color: str, dash: bool = False) -> None:
+        """A polyline through the finite values; it stops where it leaves the axis range (a triangle on the
+        frame marks the spot) and starts again where it comes back."""
+        d, marks, prev = [], [], None
         for x, v in zip(xs, ys, strict=True):
-            if v is not None:
-                d.append(f"{'L' if pen else 'M'}{self.x(x):.1f} {self.y(v):.1f}")
-            pen = v is not None
-        self.parts.append(f'<path d="{"".join(d)}" fill="none" stroke="{color}" stroke-width="2"/>')
-        if label:
-            ly = self.y0 + 14 * (row + 1)
-            self.parts.append(f'<line x1="{self.x1 - 110}" x2="{self.x1 - 92}" y1="{ly}" y2="{ly}" '
-                              f'stroke="{color}" stroke-width="2"/><text x="{self.x1 - 88}" y="{ly + 4}" '
-                              f'font-size="10" fill="currentColor">{label}</text>')
+            if v is None:
+                prev = None
+                continue
+            lv = math.log10(max(v, 1e-300))
+            inside = self.l0 - 1e-9 <= lv <= self.l1 + 1e-9
+            side = 0 if inside else (1 if lv > self.l1 else -1)
+            if prev is None:
+                if inside:
+                    d.append(f"M{_f(self.x(x))} {_f(self._ly(lv))}")
+                else:
+                    marks.append((x, side))
+            else:
+                px, plv, pside = prev
+                if pside == 0 and side == 0:
+                    d.append(f"L{_f(self.x(x))} {_f(self._ly(lv))}")
+                elif pside == 0:  # leaves the axis range: draw to the frame, mark it
+                    cx = self._cross_x(px, plv, x, lv, side)
+                    d.append(f"L{_f(self.x(cx))} {_f(self._ly(self._edge(side)))}")
+                    marks.append((cx, side))
+                elif side == 0:  # comes back
+                    cx = self._cross_x(px, plv, x, lv, pside)
+                    d.append(f"M{_f(self.x(cx))} {_f(self._ly(self._edge(pside)))}L{_f(self.x(x))} "
+                             f"{_f(self._ly(lv))}")
+                elif side != pside:
+                    marks.append((x, side))
+            prev = (x, lv, side)
+        dashes = " stroke-dasharray='4 3'" if dash else ""
+        self.parts.append(f"<path d='{''.join(d)}' fill='none' stroke='{color}' stroke-width='2'{dashes}/>")
+        for x, side in marks:
+            self._triangle(self.x(x), side, color)
+
+    def _edge(self, side: int) -> float:
+        return self.l1 if side > 0 else self.l0
+
+    def _cross_x(self, px: float, plv: float, x: float, lv: float, side: int) -> float:
+        t = (self._edge(side) - plv) / (lv - plv) if lv != plv else 1.0
+        return px + min(max(t, 0.0), 1.0) * (x - px)
+
+    def _triangle(self, x: float, side: int, color: str) -> None:
+        """A triangle on the top (pointing up) or bottom (pointing down) frame: a value beyond the axis."""
+        y = _TOP if side > 0 else _BOTTOM
+        tip = y - 8 * side
+        self.off += 1
+        self.parts.append(f"<path class='gsx-off' d='M{_f(x - 5)} {y}h10L{_f(x)} {tip}Z' "
+                          f"fill='{color}'/>")
 
     def cross(self, step: int, value: float | None) -> None:
-        x, y = self.x(step), self.y(value) if value is not None else self.y0
-        self.parts.append(f'<path class="gsx-diverged" d="M{x - 6:.1f} {y - 6:.1f}L{x + 6:.1f} {y + 6:.1f}'
-                          f'M{x - 6:.1f} {y + 6:.1f}L{x + 6:.1f} {y - 6:.1f}" stroke="#d62728" stroke-width="3"/>')
+        x, y = self.x(step), self.y(value) if value is not None else _TOP
+        self.parts.append(f"<path class='gsx-diverged' d='M{_f(x - 6)} {_f(y - 6)}l12 12m0 -12l-12 12' "
+                          f"stroke='#d62728' stroke-width='3'/>")
+
+    def legend(self, entries: list[tuple[str, str, str]]) -> None:
+        """One row between the title and the frame, so it never covers a line."""
+        x, out = self.x0, []
+        for kind, color, label in entries:
+            if kind in ("line", "dash"):
+                dash = " stroke-dasharray='4 3'" if kind == "dash" else ""
+                out.append(f"<path d='M{x:.0f} 31h16' stroke='{color}' stroke-width='2'{dash}/>")
+            elif kind == "cross":
+                out.append(f"<path d='M{x + 4:.0f} 27l8 8m0 -8l-8 8' stroke='{color}' stroke-width='2.5'/>")
+            else:
+                out.append(f"<path d='M{x + 3:.0f} 35h10l-5 -8Z' fill='{color}'/>")
+            out.append(f"<text x='{x + 20:.0f}' y='35'>{escape(label)}</text>")
+            x += 30 + 5.6 * len(label)
+        out.insert(0, "<g font-size='10' fill='currentColor'>")
+        out.append("</g>")
+        self.parts.append("".join(out))
 
 
 # --- live explorer: ipywidgets, retrains on every move ------------------------------------------
 
 class LiveExplorer:
-    """Sliders and toggles that retrain a small CNN; display the ``.widget`` (or the explorer itself).
+    """Sliders and toggles that retrain a small network (MLP or CNN); display the ``.widget`` (or the explorer itself).
 
     Moves are debounced (``debounce`` seconds of quiet) and a newer setting cancels the run
     in flight, so dragging a slider never queues up stale trainings.
     """
 
     def __init__(self, data: Split, depths=(1, 16), lrs=(1e-3, 3.0), steps: int = 60, arch: str = "mlp",
-                 width: int | None = None, batch_size: int = 64, debounce: float = 0.15, seed: int | None = None):
+                 width: int | None = None, batch_size: int = 64, debounce: float = 0.15, seed: int | None = None,
+                 notice: str = ""):
         import ipywidgets as w  # lazy: the package imports without a kernel
 
         lo, hi = (positive_int("depths[0]", depths[0]), positive_int("depths[1]", depths[1]))
@@ -432,7 +587,8 @@ class LiveExplorer:
                         zip(REMEDIES, ("BatchNorm", "residual (scaled)", f"clip ‖g‖≤{CLIP_NORM:g}"), strict=True)}
         self.status = w.HTML()
         self.figure = w.HTML()
-        self.widget = w.VBox([w.HBox([self.depth, self.lr]), w.HBox(list(self.toggles.values())),
+        self.notice = w.HTML(f"<i>What to notice:</i> {escape(notice)}" if notice else "")
+        self.widget = w.VBox([self.notice, w.HBox([self.depth, self.lr]), w.HBox(list(self.toggles.values())),
                               self.status, self.figure])
         self.history: History | None = None
         self._cond = threading.Condition()
@@ -541,20 +697,18 @@ class LiveExplorer:
             self.status.value = f"<b style='color:#d62728'>could not train this setting: {history}</b>"
             return
         self.history = history
-        cfg = history.config
-        head = f"depth {cfg['depth']}, learning rate {cfg['lr']:.3g}, {cfg['variant']}: "
-        if history.diverged:
-            self.status.value = f"<b style='color:#d62728'>{head}✗ {history.summary()}</b>"
-        else:
-            self.status.value = f"<b>{head}✓ {history.summary()}</b>"
+        color = STATE_COLORS[state(history)]
+        self.status.value = f"<b style='color:{color}'>{escape(status_line(history))}</b>"
         self.figure.value = svg_figure(history)
 
 
 def live_explorer(data: Split, depths=(1, 16), lrs=(1e-3, 3.0), steps: int = 60, **kwargs) -> LiveExplorer:
     """Sliders for depth and (log-scale) learning rate, toggles for the remedies; retrains on each move.
 
-    ``depths`` and ``lrs`` are (low, high) slider ranges. Needs ipywidgets; without a
-    frontend it still runs (the first setting is trained at construction).
+    ``depths`` and ``lrs`` are (low, high) slider ranges; ``arch`` ("mlp" or "cnn"), ``steps``, ``width``,
+    ``batch_size`` and ``seed`` are :func:`run_one`'s, so a setting gives the numbers the static explorer
+    shows for it when both use the same options. ``notice`` is a line saying what to look for. Needs
+    ipywidgets; without a frontend it still runs (the first setting is trained at construction).
     """
     return LiveExplorer(data, depths=depths, lrs=lrs, steps=steps, **kwargs)
 

@@ -95,13 +95,26 @@ def clip_axis(ax, top: float, bottom: float | None = None, label: str = "off the
     return marked
 
 
-def label_colors(labels) -> dict[str, str | None]:
-    """The book's :func:`color` for each label when those colours are all different, else ``None`` for
-    each (matplotlib's cycle then tells the runs apart)."""
+def label_colors(labels) -> dict[str, str]:
+    """The book's :func:`color` for each label; labels that share a configuration's colour (say three
+    residual variants) get shades of it, from dark to light, so they stay apart and keep their hue."""
     labels = list(labels)
-    colors = [color(label) for label in labels]
-    distinct = len(set(colors)) == len(colors)
-    return {label: (c if distinct else None) for label, c in zip(labels, colors, strict=True)}
+    base = {label: color(label) for label in labels}
+    groups: dict[str, list[str]] = {}
+    for label in labels:
+        groups.setdefault(base[label], []).append(label)
+    shaded = {}
+    for value, members in groups.items():
+        for k, label in enumerate(members):
+            shaded[label] = value if len(members) == 1 else _shade(value, -0.35 + 0.7 * k / (len(members) - 1))
+    return shaded
+
+
+def _shade(value: str, amount: float) -> str:
+    """``value`` mixed with black (``amount`` < 0) or white (``amount`` > 0) by ``|amount|``."""
+    rgb = mpl.colors.to_rgb(value)
+    target = 1.0 if amount > 0 else 0.0
+    return mpl.colors.to_hex([c + (target - c) * abs(amount) for c in rgb])
 
 
 def loss_curves(histories: dict[str, History], title: str = "Training loss", ax=None, top: float | None = None):
