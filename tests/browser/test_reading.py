@@ -81,8 +81,8 @@ def test_every_figure_is_numbered_and_captioned(pages, base_url, offline_page):
     assert not problems, "\n".join(problems)
 
 
-_LABEL = re.compile(r"^(Anonymous|[A-Z][\w'\-]+(?: [a-z]+)*(?: [A-Z][\w'\-]+)*"
-                    r"(?: & [A-Z][\w'\-]+(?: [A-Z][\w'\-]+)*| et al\.)? \d{4}[a-j]?)$")
+_NAME = r"(?:[a-z]+ )*[A-Z][\w'\-]+(?: [A-Z][\w'\-]+)*"  # "He", "van Laarhoven", "De"
+_LABEL = re.compile(rf"^(Anonymous|{_NAME}(?: & {_NAME}| et al\.)? \d{{4}}[a-j]?)$")
 
 
 def test_references_have_clean_labels_and_links(html_root, base_url, offline_page):
