@@ -4,8 +4,8 @@
   default "alpha" labels give junk like "GDollarG+17"); DOIs and URLs become links (pybtex's unsrt style).
 * Every notebook's download link serves the *executed* notebook, outputs included, instead of the stored
   source without outputs.
-* The gradstab wheel is built with the book and served from ``dist/``; the ``gradstab-wheel`` directive
-  prints the link and the ``pip install`` line for it.
+* The gradstab wheel and a tarball of the book's sources are built with the book and served from ``dist/``;
+  the ``gradstab-download`` directive prints the link and the shell lines for each.
 
 Registered in ``_config.yml`` (``sphinx.local_extensions`` and the extension list).
 """
@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -23,9 +24,11 @@ from docutils import nodes
 from pybtex.plugin import register_plugin
 from pybtex.style.formatting.unsrt import Style as UnsrtStyle
 from pybtex.style.labels import BaseLabelStyle
+from sphinx.util import logging
 from sphinx.util.docutils import SphinxDirective
 
 REPO = Path(__file__).resolve().parents[2]
+logger = logging.getLogger(__name__)
 WHEEL_DIR = "dist"
 
 
@@ -96,37 +99,68 @@ def wheel_name() -> str:
     return f"{project['name']}-{project['version']}-py3-none-any.whl"
 
 
-def _build_wheel(app, exception) -> None:
-    """Build the gradstab wheel into ``<html>/dist`` (skipped when it is newer than every source file)."""
+SOURCES = "taming-exploding-gradients"  # the folder a reader unpacks the book's sources into
+
+
+def _sources_of_repo() -> list[str]:
+    """The files git tracks in this repository (the book's sources), as paths relative to its root; empty
+    when the book is built outside a git checkout (then no tarball is served)."""
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True)
+    if listed.returncode != 0:
+        logger.info("not a git checkout: the book's sources are not packed for download")
+        return []
+    return [name for name in listed.stdout.decode().split("\0") if name and (REPO / name).is_file()]
+
+
+def _build_downloads(app, exception) -> None:
+    """Build the gradstab wheel and a tarball of the book's sources into ``<html>/dist``; each is skipped
+    when it is newer than every file it is made of."""
     if exception is not None or app.builder.format != "html":
         return
     target = Path(app.outdir, WHEEL_DIR)
-    wheel = target / wheel_name()
-    sources = [REPO / "pyproject.toml", *(REPO / "src").rglob("*.py")]
-    if wheel.is_file() and wheel.stat().st_mtime > max(p.stat().st_mtime for p in sources):
-        return
     target.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--wheel-dir", str(target), str(REPO)], check=True)
+    wheel = target / wheel_name()
+    if _stale(wheel, [REPO / "pyproject.toml", *(REPO / "src").rglob("*.py")]):
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                        "--wheel-dir", str(target), str(REPO)], check=True)
+    sources = _sources_of_repo()
+    archive = target / f"{SOURCES}.tar.gz"
+    if sources and _stale(archive, [REPO / name for name in sources]):
+        with tarfile.open(archive, "w:gz") as tar:
+            for name in sources:
+                tar.add(REPO / name, arcname=f"{SOURCES}/{name}", recursive=False)
 
 
-class WheelDirective(SphinxDirective):
-    """``{gradstab-wheel}``: a link to the wheel served with the book and the command that installs it."""
+def _stale(product: Path, inputs: list[Path]) -> bool:
+    return not product.is_file() or product.stat().st_mtime <= max(p.stat().st_mtime for p in inputs)
 
-    has_content = False
+
+class DownloadDirective(SphinxDirective):
+    """``{gradstab-download} wheel`` or ``{gradstab-download} sources``: a link to the file served with the
+    book and the shell lines that use it."""
+
+    required_arguments = 1
 
     def run(self):
-        name = wheel_name()
+        kind = self.arguments[0]
+        if kind == "wheel":
+            name = wheel_name()
+            command = f'# in the folder you downloaded it to, with your virtual environment active:\n' \
+                      f'pip install "./{name}[book]"'
+        elif kind == "sources":
+            name = f"{SOURCES}.tar.gz"
+            command = f"tar xzf {name} && cd {SOURCES}\nmake lab"
+        else:
+            raise self.error(f"gradstab-download takes 'wheel' or 'sources', got {kind!r}")
         uri = "../" * self.env.docname.count("/") + f"{WHEEL_DIR}/{name}"
-        link = nodes.paragraph("", "Download: ", nodes.reference(name, name, refuri=uri, classes=["gradstab-wheel"]))
-        command = f'# in the folder you downloaded it to:\npip install "./{name}[book]"'
+        link = nodes.paragraph("", "Download: ", nodes.reference(name, name, refuri=uri, classes=[f"gradstab-{kind}"]))
         return [link, nodes.literal_block(command, command, language="bash")]
 
 
 def setup(app):
     register_plugin("pybtex.style.labels", "gradstab-authoryear", AuthorYearLabels)
     register_plugin("pybtex.style.formatting", "gradstab", BookStyle)
-    app.add_directive("gradstab-wheel", WheelDirective)
+    app.add_directive("gradstab-download", DownloadDirective)
     app.connect("build-finished", _serve_executed_notebooks)
-    app.connect("build-finished", _build_wheel)
+    app.connect("build-finished", _build_downloads)
     return {"version": "1.0", "parallel_read_safe": True, "parallel_write_safe": True}
