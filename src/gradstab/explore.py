@@ -138,7 +138,7 @@ def grid(data: Split, depths: Sequence[int], lrs: Sequence[float],
 # --- what happened in a run: diverged, stalled or learned --------------------------------------
 
 CHANCE_ACCURACY = 0.1  # ten digit classes: guessing is right one time in ten
-STALL_ACCURACY = 0.2  # THE rule: a finite run whose test accuracy is below this has stalled near chance
+STALL_ACCURACY = 0.2  # the rule for "stalled": a finite run whose test accuracy is below this (chance: 10 %)
 STALL_LOSS = 0.9 * math.log(10)  # only when accuracy was not measured: a final loss above this counts as stalled
 FINAL_STEPS = 10  # "final loss" = mean training loss of the last FINAL_STEPS steps
 STATES = ("diverged", "stalled", "learned")

@@ -134,10 +134,11 @@ def test_download_serves_the_executed_notebook(html_root):
         f"{stored} has no outputs: the download would be the unexecuted source"
 
 
-def test_run_page_links_the_wheel_it_serves(html_root, base_url, offline_page):
+def test_run_page_links_the_wheel_and_the_sources_it_serves(html_root, base_url, offline_page):
     page = offline_page.page
     page.goto(base_url + "book/run.html", wait_until="load")
-    href = page.locator("a.gradstab-wheel").get_attribute("href")
-    wheel = (html_root / "book" / href).resolve()
-    assert wheel.is_file() and wheel.suffix == ".whl", f"the run page links {href}, which is not a built wheel"
+    for kind, suffix in (("wheel", ".whl"), ("sources", ".gz")):
+        href = page.locator(f"a.gradstab-{kind}").get_attribute("href")
+        served = (html_root / "book" / href).resolve()
+        assert served.is_file() and served.suffix == suffix, f"the run page links {href}, which was not built"
     assert "pip install" in page.locator("article").inner_text()
