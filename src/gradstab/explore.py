@@ -137,11 +137,17 @@ def grid(data: Split, depths: Sequence[int], lrs: Sequence[float],
 
 # --- what happened in a run: diverged, stalled or learned --------------------------------------
 
-CHANCE_ACCURACY = 0.1  # ten digit classes: guessing is right one time in ten
-STALL_ACCURACY = 0.2  # the rule for "stalled": a finite run whose test accuracy is below this (chance: 10 %)
-STALL_LOSS = 0.9 * math.log(10)  # only when accuracy was not measured: a final loss above this counts as stalled
-FINAL_STEPS = 10  # "final loss" = mean training loss of the last FINAL_STEPS steps
+#: Test accuracy of guessing among the ten digit classes.
+CHANCE_ACCURACY = 0.1
+#: A finite run whose test accuracy is below this has stalled near chance (the rule for a stalled run).
+STALL_ACCURACY = 0.2
+#: Used only when a run's accuracy was not measured, where a final loss above 0.9 ln 10 counts as stalled.
+STALL_LOSS = 0.9 * math.log(10)
+#: The "final loss" of a status line is the mean training loss of the last ``FINAL_STEPS`` steps.
+FINAL_STEPS = 10
+#: The three ways an explorer run ends, as returned by state().
 STATES = ("diverged", "stalled", "learned")
+#: Status-line colour of each state (a learned run keeps the page's text colour).
 STATE_COLORS = {"diverged": "#d62728", "stalled": "#a65f00", "learned": ""}
 
 
