@@ -32,3 +32,13 @@ def test_absolute_tolerance_for_answers_near_zero(capsys):
 def test_bad_input_is_a_value_error(kwargs, match):
     with pytest.raises(ValueError, match=match):
         gs.check_answer(**kwargs)
+
+
+def test_numpy_and_tensor_numbers_are_numbers(capsys):
+    import numpy as np
+    import torch
+
+    assert gs.check_answer(np.float32(4.1), torch.tensor(4.0), rel=0.1) is True
+    assert gs.check_answer(torch.tensor([9.0]), np.array(4.0), rel=0.1) is False
+    with pytest.raises(ValueError, match="answer"):
+        gs.check_answer(torch.tensor([1.0, 2.0]), 4.0)

@@ -208,18 +208,30 @@ def test_grid_runs_are_the_live_explorers_runs(data):
         explore.grid(data, [2], [0.1], seeds=[])
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(depths=[2, 0], lrs=[0.1]), r"depths\[1\]"), (dict(depths=[2], lrs=[0.1, -1.0]), r"lrs\[1\]"),
+    (dict(depths=[2], lrs=[0.1], width=0), "width"), (dict(depths=[], lrs=[0.1]), "depths"),
+    (dict(depths=[2], lrs=[0.1], steps=0), "steps"),
+])
+def test_grid_checks_its_settings_before_training(data, kwargs, match, monkeypatch):
+    monkeypatch.setattr(explore, "run_one", lambda *a, **k: pytest.fail("trained before checking the input"))
+    with pytest.raises(ValueError, match=match):
+        explore.grid(data, **kwargs)
+
+
 def test_static_and_live_explorers_show_the_same_line(data):
     pytest.importorskip("ipywidgets")
     shown = explore.grid(data, [4], [0.1, 1.0], variants=["plain", "clip"], steps=8)
     payload = explore.grid_payload(shown)
     live = explore.live_explorer(data, steps=8, notice="look here")
     assert "look here" in live.notice.value
+    by_setting = {(h.config["depth"], h.config["lr"], h.config["variant"]): h for h in shown}
     for key, run in payload["runs"].items():
         di, li, vi = map(int, key.split("_"))
-        variant = payload["variants"][vi]
-        live.update(depth=payload["depths"][di], lr=payload["lrs"][li], clip=variant == "clip")
+        setting = (payload["depths"][di], payload["lrs"][li], payload["variants"][vi])
+        live.update(depth=setting[0], lr=setting[1], clip=setting[2] == "clip")
         assert html_unescape(live.status.value).endswith(run["status"] + "</b>")
-        assert live.figure.value.count("<path") == run["svg"].count("<path")
+        assert live.history.loss == by_setting[setting].loss  # the same run, not just the same verdict
 
 
 def html_unescape(text: str) -> str:

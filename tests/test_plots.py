@@ -182,3 +182,18 @@ def test_heatmaps_share_a_colour_scale_when_asked():
     quiet, loud = run(grad=1e-2), run(grad=1e4)
     scales = [gs.plots.gradient_heatmap(h, vmin=1e-3, vmax=1e5).axes[0].images[0].norm for h in (quiet, loud)]
     assert [(n.vmin, n.vmax) for n in scales] == [(1e-3, 1e5), (1e-3, 1e5)]
+
+
+@pytest.mark.parametrize("limits, match", [(dict(vmin=0.0), "vmin"), (dict(vmax=-1.0), "vmax"),
+                                           (dict(vmin=1.0, vmax=1.0), "below")])
+def test_heatmap_rejects_colour_limits_a_log_scale_cannot_take(limits, match):
+    with pytest.raises(ValueError, match=match):
+        gs.plots.gradient_heatmap(run(), **limits)
+
+
+def test_clip_axis_keeps_the_axis_upright_when_everything_is_off_the_chart():
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1e5, 1e6])
+    ax.set(yscale="log", ylim=(1e4, 1e7))  # the current bottom lies above the new top
+    assert gs.plots.clip_axis(ax, 1e3) == 2
+    assert ax.get_ylim() == (1e2, 1e3)

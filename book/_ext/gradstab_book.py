@@ -19,6 +19,7 @@ import tarfile
 from collections import Counter
 from pathlib import Path
 
+import nbformat
 import tomllib
 from docutils import nodes
 from pybtex.plugin import register_plugin
@@ -83,14 +84,44 @@ class BookStyle(UnsrtStyle):
 # --- executed notebooks for download, and the wheel ------------------------------------------------
 
 def _serve_executed_notebooks(app, exception) -> None:
-    """Replace each ``_sources/**/*.ipynb`` (stored without outputs) with myst-nb's executed copy."""
+    """Replace each ``_sources/**/*.ipynb`` (stored without outputs) with the executed notebook.
+
+    With ``execute_notebooks: cache`` an unchanged notebook is not executed again, and myst-nb then writes
+    it to ``jupyter_execute`` without outputs: the outputs come from jupyter-cache instead, merged into the
+    stored notebook exactly as the page shows them. Otherwise (``force``) ``jupyter_execute`` holds them."""
     if exception is not None or app.builder.format != "html":
         return
-    executed = Path(app.outdir).parent / "jupyter_execute"
-    for source in Path(app.outdir, "_sources").rglob("*.ipynb"):
-        run = executed / source.relative_to(Path(app.outdir, "_sources"))
-        if run.is_file():
-            shutil.copyfile(run, source)
+    sources = Path(app.outdir, "_sources")
+    cache = _jupyter_cache(app)
+    for served in sources.rglob("*.ipynb"):
+        notebook = nbformat.read(served, as_version=4)
+        executed = _executed(cache, notebook, Path(app.outdir).parent / "jupyter_execute" / served.relative_to(sources))
+        if executed is None:
+            logger.warning(f"no executed copy of {served.relative_to(sources)}: its download has no outputs")
+        else:
+            nbformat.write(executed, served)
+
+
+def _jupyter_cache(app):
+    if app.config.nb_execution_mode != "cache":
+        return None
+    from jupyter_cache import get_cache
+
+    return get_cache(Path(app.srcdir, app.config.nb_execution_cache_path))
+
+
+def _executed(cache, notebook, run: Path):
+    """The notebook with its outputs, from jupyter-cache or from myst-nb's executed copy; None if neither."""
+    if cache is not None:
+        try:
+            return cache.merge_match_into_notebook(notebook)[1]
+        except KeyError:  # not in the cache: fall back to the executed copy
+            pass
+    if run.is_file():
+        copy = nbformat.read(run, as_version=4)
+        if any(cell.get("outputs") for cell in copy.cells):
+            return copy
+    return None
 
 
 def wheel_name() -> str:
@@ -105,8 +136,11 @@ SOURCES = "taming-exploding-gradients"  # the folder a reader unpacks the book's
 def _sources_of_repo() -> list[str]:
     """The files git tracks in this repository (the book's sources), as paths relative to its root; empty
     when the book is built outside a git checkout (then no tarball is served)."""
-    listed = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True)
-    if listed.returncode != 0:
+    try:
+        listed = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True)
+    except FileNotFoundError:  # no git on this machine
+        listed = None
+    if listed is None or listed.returncode != 0:
         logger.info("not a git checkout: the book's sources are not packed for download")
         return []
     return [name for name in listed.stdout.decode().split("\0") if name and (REPO / name).is_file()]
@@ -121,8 +155,13 @@ def _build_downloads(app, exception) -> None:
     target.mkdir(parents=True, exist_ok=True)
     wheel = target / wheel_name()
     if _stale(wheel, [REPO / "pyproject.toml", *(REPO / "src").rglob("*.py")]):
-        subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-                        "--wheel-dir", str(target), str(REPO)], check=True)
+        for old in target.glob("gradstab-*.whl"):  # an earlier version's wheel
+            old.unlink()
+        shutil.rmtree(REPO / "build", ignore_errors=True)  # setuptools' staging copy may hold deleted modules
+        built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                                "--wheel-dir", str(target), str(REPO)], capture_output=True, text=True)
+        if built.returncode != 0:
+            raise RuntimeError(f"building the gradstab wheel failed:\n{built.stdout}{built.stderr}")
     sources = _sources_of_repo()
     archive = target / f"{SOURCES}.tar.gz"
     if sources and _stale(archive, [REPO / name for name in sources]):

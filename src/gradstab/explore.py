@@ -95,6 +95,11 @@ def run_one(data: Split, depth: int, lr: float, variant: str = "plain", *, arch:
     return history
 
 
+def _check_width(width: int | None) -> int | None:
+    """``width`` if it is None (the architecture's default) or an integer >= 1, else ValueError."""
+    return None if width is None else positive_int("width", width)
+
+
 class Superseded(Exception):
     """A live-explorer run stopped because a newer slider setting arrived."""
 
@@ -108,7 +113,8 @@ def grid(data: Split, depths: Sequence[int], lrs: Sequence[float],
          variants: Sequence[str] = ("plain", "batchnorm", "residual", "clip"), *, arch: str = "mlp",
          steps: int = 60, width: int | None = None, batch_size: int = 64, seeds: Sequence[int] | None = None
          ) -> list[History]:
-    """Every (variant, depth, lr, seed), each trained by :func:`run_one`: the input :func:`static_explorer` expects.
+    """Every (variant, depth, lr, seed), each trained by :func:`run_one`; one seed's runs are the input
+    :func:`static_explorer` expects.
 
     The runs go through the same code path as the live explorer's (:func:`run_one`, that is
     :func:`gradstab.train.train`), so a setting shows the same numbers in both explorers on one
@@ -117,8 +123,16 @@ def grid(data: Split, depths: Sequence[int], lrs: Sequence[float],
     """
     one_of("arch", arch, ARCHS)
     seeds = [resolve_seed(None)] if seeds is None else [resolve_seed(s) for s in seeds]
-    if not seeds:
-        raise ValueError("seeds must hold at least one seed, got an empty sequence")
+    if not seeds or not depths or not lrs:
+        raise ValueError(f"seeds, depths and lrs must each hold at least one value; got seeds={seeds}, "
+                         f"depths={list(depths)}, lrs={list(lrs)}")
+    for k, depth in enumerate(depths):
+        positive_int(f"depths[{k}]", depth)
+    for k, lr in enumerate(lrs):
+        positive_float(f"lrs[{k}]", lr)
+    _check_width(width)
+    positive_int("steps", steps)
+    positive_int("batch_size", batch_size, minimum=2)
     for variant in variants:
         variant_flags(variant)
     if arch == "mlp" and data.x_train.ndim > 2:
@@ -128,10 +142,8 @@ def grid(data: Split, depths: Sequence[int], lrs: Sequence[float],
         for depth in depths:
             for lr in lrs:
                 for seed in seeds:
-                    history = run_one(data, depth, lr, variant, arch=arch, steps=steps, width=width,
-                                      batch_size=batch_size, seed=seed)
-                    history.config["seed"] = seed
-                    runs.append(history)
+                    runs.append(run_one(data, depth, lr, variant, arch=arch, steps=steps, width=width,
+                                        batch_size=batch_size, seed=seed))  # train records the seed in config
     return runs
 
 
@@ -581,7 +593,8 @@ class LiveExplorer:
         if lo > hi or lr_lo >= lr_hi:
             raise ValueError(f"depths and lrs must be (low, high) ranges; got depths={depths}, lrs={lrs}")
         self.data = data.flat() if one_of("arch", arch, ARCHS) == "mlp" and data.x_train.ndim > 2 else data
-        self.options = dict(steps=positive_int("steps", steps), arch=arch, width=width, seed=seed,
+        self.options = dict(steps=positive_int("steps", steps), arch=arch, width=_check_width(width),
+                            seed=None if seed is None else resolve_seed(seed),
                             batch_size=positive_int("batch_size", batch_size, minimum=2))
         self.debounce = positive_float("debounce", debounce, allow_zero=True)
         style = {"description_width": "initial"}

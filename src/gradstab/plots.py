@@ -90,7 +90,11 @@ def clip_axis(ax, top: float, bottom: float | None = None, label: str = "off the
                 ax.plot(x[mask].numpy(), [edge] * int(mask.sum()), marker, color=line.get_color(), ms=7,
                         clip_on=False, zorder=5, linestyle="none")
                 marked += int(mask.sum())
-    ax.set_ylim(bottom if bottom is not None else ax.get_ylim()[0], top)
+    if bottom is None:  # keep the current bottom, unless every point lay above the top
+        bottom = ax.get_ylim()[0]
+        if bottom >= top:
+            bottom = top / 10 if ax.get_yscale() == "log" else top - 1
+    ax.set_ylim(bottom, top)
     if marked:
         ax.plot([], [], "^", color="gray", linestyle="none", label=label)
         ax.legend()
@@ -166,15 +170,22 @@ def gradient_heatmap(history, title: str = "Per-layer gradient norm", kind: str 
 
     ``history``: a History or a GradientMonitor (see :func:`layer_rows`); missing and non-finite entries
     are left blank. ``vmin``/``vmax`` fix the colour scale, so that figures meant to be compared share one
-    (default: this run's own positive range). Raises ValueError for an unknown ``kind``."""
+    (default: this run's own positive range). Raises ValueError for an unknown ``kind``, or for limits
+    that are not positive and finite or not in order."""
+    for name, limit in (("vmin", vmin), ("vmax", vmax)):
+        if limit is not None and not (math.isfinite(limit) and limit > 0):
+            raise ValueError(f"{name} must be a finite number > 0 (the colour scale is logarithmic); got {limit!r}")
+    if vmin is not None and vmax is not None and vmin >= vmax:
+        raise ValueError(f"vmin must be below vmax; got vmin={vmin!r}, vmax={vmax!r}")
     values = layer_rows(history, kind).T.clone()
-    fig, ax = _axes(ax)
     values[~torch.isfinite(values)] = float("nan")
     positive = values[values > 0]
     low, high = (float(positive.min()), float(positive.max())) if positive.numel() else (1e-8, 1.0)
-    low, high = (vmin if vmin is not None else low), (vmax if vmax is not None else high)
+    low = vmin if vmin is not None else min(low, vmax / 10) if vmax is not None else low
+    high = vmax if vmax is not None else max(high, low * 10)
+    fig, ax = _axes(ax)
     image = ax.imshow(values.clamp_min(low).numpy(), aspect="auto", origin="lower", cmap="magma",
-                      norm=LogNorm(vmin=low, vmax=max(high, low * 10)), interpolation="nearest")
+                      norm=LogNorm(vmin=low, vmax=high), interpolation="nearest")
     fig.colorbar(image, ax=ax, label=f"{ROWS[kind][1]} (log scale)")
     ax.set(xlabel="training step", ylabel="layer (0 = input side)", title=title)
     return fig

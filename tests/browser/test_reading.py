@@ -127,11 +127,19 @@ def test_chapters_end_with_exercises_whose_solutions_start_hidden(pages, base_ur
     assert not shown, f"solutions visible before they are opened: {shown}"
 
 
-def test_download_serves_the_executed_notebook(html_root):
-    stored = html_root / "_sources" / "book" / "ch1_introduction.ipynb"
-    cells = json.loads(stored.read_text(encoding="utf-8"))["cells"]
-    assert sum(len(c.get("outputs", [])) for c in cells if c["cell_type"] == "code") > 0, \
-        f"{stored} has no outputs: the download would be the unexecuted source"
+def served_without_outputs(html_root) -> list[str]:
+    """The downloadable notebooks (``_sources/book/*.ipynb``) that carry no outputs."""
+    empty = []
+    for served in sorted((html_root / "_sources" / "book").glob("*.ipynb")):
+        cells = json.loads(served.read_text(encoding="utf-8"))["cells"]
+        if not any(c.get("outputs") for c in cells if c["cell_type"] == "code"):
+            empty.append(served.name)
+    return empty
+
+
+def test_download_serves_the_executed_notebooks(html_root):
+    assert len(list((html_root / "_sources" / "book").glob("*.ipynb"))) >= 14
+    assert not served_without_outputs(html_root), "downloads without outputs (the unexecuted source)"
 
 
 def test_run_page_links_the_wheel_and_the_sources_it_serves(html_root, base_url, offline_page):

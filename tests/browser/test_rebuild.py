@@ -12,6 +12,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from test_reading import served_without_outputs
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = REPO / "_build" / ".jupyter_cache"
@@ -37,6 +38,8 @@ def test_second_build_executes_nothing_and_takes_seconds(cache):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "Executed notebook" not in done.stdout + done.stderr, "an unchanged notebook was executed again"
     assert elapsed < SECOND_BUILD_GOAL, f"second build took {elapsed:.1f} s (goal: under {SECOND_BUILD_GOAL:.0f} s)"
+    empty = served_without_outputs(REPO / "_build" / "html")
+    assert not empty, f"after a rebuild from the cache these downloads have no outputs: {empty}"
 
 
 def test_editing_one_notebook_invalidates_only_its_cache(cache):
