@@ -1,6 +1,6 @@
 """Run every benchmark and write bench/RESULTS.md (``make bench``).
 
-Usage: ``python bench/run_all.py [--only sweep,monitor,explorer,book] [--out PATH]``.
+Usage: ``python bench/run_all.py [--only sweep,monitor,explorer,book,clip,rebuild] [--out PATH]``.
 Run it on a quiet machine: other processes on the same cores inflate every number.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import common
 
 HERE = Path(__file__).resolve().parent
 BENCHES = {"sweep": "bench_sweep", "monitor": "bench_monitor", "explorer": "bench_explorer", "book": "bench_book",
-           "clip": "bench_clip"}
+           "clip": "bench_clip", "rebuild": "bench_rebuild"}
 
 
 def report(machine: dict, results: list[dict], load_after: str) -> str:

@@ -1,13 +1,14 @@
 """Fast rebuilds for authors: after a build, a second `jupyter-book build` with nothing changed executes no
-notebook and takes seconds, and editing the code of one notebook invalidates only that notebook's cached
-execution (jupyter-cache). Runs on this repository's own `_build` (after `make book` or `make strict-book`)."""
+notebook and still serves every notebook with its outputs, and editing the code of one notebook invalidates
+only that notebook's cached execution (jupyter-cache). Runs on this repository's own `_build` (after
+`make book` or `make strict-book`). How long the second build takes is measured by `make bench`
+(bench/bench_rebuild.py), not asserted here."""
 from __future__ import annotations
 
 import copy
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import nbformat
@@ -16,7 +17,6 @@ from test_reading import served_without_outputs
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = REPO / "_build" / ".jupyter_cache"
-SECOND_BUILD_GOAL = 30.0  # seconds (issue 15)
 
 
 @pytest.fixture(scope="module")
@@ -29,15 +29,12 @@ def cache():
     return get_cache(CACHE)
 
 
-def test_second_build_executes_nothing_and_takes_seconds(cache):
+def test_second_build_executes_nothing_and_serves_outputs(cache):
     command = [str(Path(sys.executable).parent / "jupyter-book"), "build", ".", "--warningiserror", "--nitpick",
                "--keep-going"]
-    start = time.perf_counter()
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
-    elapsed = time.perf_counter() - start
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "Executed notebook" not in done.stdout + done.stderr, "an unchanged notebook was executed again"
-    assert elapsed < SECOND_BUILD_GOAL, f"second build took {elapsed:.1f} s (goal: under {SECOND_BUILD_GOAL:.0f} s)"
     empty = served_without_outputs(REPO / "_build" / "html")
     assert not empty, f"after a rebuild from the cache these downloads have no outputs: {empty}"
 
