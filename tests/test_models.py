@@ -55,6 +55,17 @@ def test_init_scales(init, std):
     assert torch.count_nonzero(layer.bias) == 0
 
 
+def test_bias_std_draws_biases_and_zero_keeps_them_zero():
+    layer = gs.init_weights(nn.Linear(50, 4000), 1.0, bias_std=0.3)
+    assert layer.bias.std().item() == pytest.approx(0.3, rel=0.05)
+    assert abs(layer.bias.mean().item()) < 0.03
+    model = gs.mlp(3, seed=1, activation="tanh", init=1.3, bias_std=0.2)
+    assert all(b.layer.bias.std().item() > 0.1 for b in model.blocks)
+    assert model.config["bias_std"] == 0.2
+    plain = gs.mlp(3, seed=1, activation="tanh", init=1.3)
+    assert all(torch.count_nonzero(b.layer.bias) == 0 for b in plain.blocks)
+
+
 def test_residual_skipinit_starts_as_identity():
     model = gs.cnn(4, residual=True, skipinit=True)
     x = torch.randn(3, 16, 8, 8)
@@ -80,6 +91,7 @@ def test_norm_choices_build_the_right_layer():
     ({"depth": 2, "norm": "group"}, "norm"), ({"depth": 2, "init": "orthogonal"}, "init"),
     ({"depth": 2, "init": -1.0}, "init"), ({"depth": 2, "dropout": 1.0}, "dropout"),
     ({"depth": 2, "activation": "gelu"}, "activation"), ({"depth": 2, "branch_scale": -1}, "branch_scale"),
+    ({"depth": 2, "bias_std": -0.1}, "bias_std"),
 ])
 def test_bad_knobs(kwargs, name):
     with pytest.raises(ValueError, match=name):

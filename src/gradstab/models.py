@@ -40,13 +40,16 @@ def _dropout(p: float) -> nn.Module:
     return Dropout(p)
 
 
-def init_weights(model: nn.Module, init="he") -> nn.Module:
-    """Initialize every Conv/Linear weight in place; biases are set to zero.
+def init_weights(model: nn.Module, init="he", bias_std: float = 0.0) -> nn.Module:
+    """Initialize every Conv/Linear weight in place; biases are drawn from N(0, bias_std^2) (0: set to zero).
 
     ``"he"``: N(0, 2/fan_in) (He et al. 2015); ``"xavier"``: N(0, 2/(fan_in+fan_out))
     (Glorot & Bengio 2010); a number g: N(0, g^2/fan_in), so g = sqrt(2) equals ``"he"``.
+    With a gain g and ``bias_std`` s this is the random network of mean-field theory with
+    sigma_w^2 = g^2 and sigma_b^2 = s^2 (Poole et al. 2016; see :mod:`gradstab.theory`).
     """
     gain = _check_init(init)
+    positive_float("bias_std", bias_std, allow_zero=True)
     for module in model.modules():
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             fan_out, fan_in = module.weight.shape[0], module.weight[0].numel()
@@ -54,7 +57,7 @@ def init_weights(model: nn.Module, init="he") -> nn.Module:
             with torch.no_grad():
                 module.weight.normal_(0.0, std)
                 if module.bias is not None:
-                    module.bias.zero_()
+                    module.bias.normal_(0.0, bias_std) if bias_std > 0 else module.bias.zero_()
     return model
 
 
@@ -91,7 +94,7 @@ class _Net(nn.Module):
     conv = False
 
     def __init__(self, depth, width, norm, residual, branch_scale, skipinit, init, dropout, activation,
-                 in_size, num_classes):
+                 in_size, num_classes, bias_std):
         super().__init__()
         positive_int("depth", depth)
         positive_int("width", width)
@@ -101,8 +104,10 @@ class _Net(nn.Module):
         if not 0 <= dropout < 1:
             raise ValueError(f"dropout must lie in [0, 1), got {dropout!r}")
         _check_init(init)
+        positive_float("bias_std", bias_std, allow_zero=True)
         self.config = dict(depth=depth, width=width, norm=norm, residual=residual, branch_scale=branch_scale,
-                           skipinit=skipinit, init=init, dropout=dropout, activation=activation)
+                           skipinit=skipinit, init=init, dropout=dropout, activation=activation,
+                           bias_std=bias_std)
         act = ACTIVATIONS[activation]
         self.stem = nn.Sequential(self._map(in_size, width), act())
         self.blocks = nn.Sequential(*(
@@ -111,7 +116,7 @@ class _Net(nn.Module):
             for _ in range(depth)
         ))
         self.head = nn.Linear(width, num_classes)
-        init_weights(self, init)
+        init_weights(self, init, bias_std)
 
     def _map(self, n_in, n_out, bias=True):
         return nn.Conv2d(n_in, n_out, 3, padding=1, bias=bias) if self.conv else nn.Linear(n_in, n_out, bias=bias)
@@ -130,9 +135,9 @@ class CNN(_Net):
 
     def __init__(self, depth: int, width: int = 16, norm: str = "none", residual: bool = False,
                  branch_scale: float = 1.0, skipinit: bool = False, init="he", dropout: float = 0.0,
-                 activation: str = "relu", in_channels: int = 1, num_classes: int = 10):
+                 activation: str = "relu", in_channels: int = 1, num_classes: int = 10, bias_std: float = 0.0):
         super().__init__(depth, width, norm, residual, branch_scale, skipinit, init, dropout, activation,
-                         in_channels, num_classes)
+                         in_channels, num_classes, bias_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.stem[0].in_channels:
@@ -145,9 +150,9 @@ class MLP(_Net):
 
     def __init__(self, depth: int, width: int = 64, norm: str = "none", residual: bool = False,
                  branch_scale: float = 1.0, skipinit: bool = False, init="he", dropout: float = 0.0,
-                 activation: str = "relu", in_features: int = 64, num_classes: int = 10):
+                 activation: str = "relu", in_features: int = 64, num_classes: int = 10, bias_std: float = 0.0):
         super().__init__(depth, width, norm, residual, branch_scale, skipinit, init, dropout, activation,
-                         in_features, num_classes)
+                         in_features, num_classes, bias_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 2 or x.shape[1] != self.stem[0].in_features:
