@@ -6,6 +6,7 @@ from . import explore, report, theory
 from .amp import AmpHistory, amp_train, autocast_dtype, fp16_underflow
 from .claims import ClaimFailed, Spread, claim, claim_between, claim_median, claim_seeds, spread
 from .clip import adaptive_clip_grad_, agc_parameters, clip_grad_norm_, clip_grad_value_, output_module
+from .curvature import Sharpness, hessian_vector_product, sharpness
 from .data import Split, batches, load_digits
 from .device import (
     base_seed,
@@ -129,4 +130,7 @@ __all__ = [
     "comparison_table",
     "final_loss",
     "phase_grid",
+    "Sharpness",
+    "hessian_vector_product",
+    "sharpness",
 ]
