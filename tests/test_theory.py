@@ -79,6 +79,7 @@ def test_critical_line_passes_through_the_known_points(sigma_b2, expected):
     # The two points of issue 12, computed there by an independent quadrature.
     assert theory.critical_sigma_w2(sigma_b2) == pytest.approx(expected, abs=1e-3)
     assert theory.chi1(theory.critical_sigma_w2(sigma_b2), sigma_b2) == pytest.approx(1.0, abs=1e-9)
+    assert theory.depth_scale(theory.critical_sigma_w2(sigma_b2), sigma_b2) == math.inf
 
 
 def test_critical_line_rises_with_bias_variance_and_starts_at_one():

@@ -159,13 +159,15 @@ def chi1(sigma_w2: float, sigma_b2: float) -> float:
 
 
 def depth_scale(sigma_w2: float, sigma_b2: float) -> float:
-    """xi = 1 / |ln chi_1|: the number of layers over which the gradient's mean square changes by a factor e.
+    """``xi = 1 / |ln chi_1|``: the number of layers over which the gradient's mean square changes by a factor e.
 
-    Infinite on the critical line. Schoenholz et al. (2017) found networks trainable up to about 6 xi
-    (their xi is the depth scale of input correlations, which equals this one in the ordered phase).
+    Infinite on the critical line, and wherever ``|ln chi_1| < 1e-9`` (xi above 1e9 layers): closer to the line
+    than that the quadrature's rounding decides the value, and a point returned by
+    :func:`critical_sigma_w2` lies there. Schoenholz et al. (2017) found networks trainable up to about
+    6 xi (their xi is the depth scale of input correlations, which equals this one in the ordered phase).
     """
     log_chi = abs(math.log(chi1(sigma_w2, sigma_b2)))
-    return math.inf if log_chi == 0 else 1.0 / log_chi
+    return math.inf if log_chi < 1e-9 else 1.0 / log_chi
 
 
 def critical_sigma_w2(sigma_b2: float, tol: float = 1e-12) -> float:
