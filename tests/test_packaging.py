@@ -26,7 +26,7 @@ def test_wheel_ships_types_license_and_only_core_dependencies(tmp_path):
     core = [r for r in required if "extra ==" not in r]
     assert core == ["torch>=2.3", "numpy>=1.22"]
     extras = {line.split(":", 1)[1].strip() for line in metadata.splitlines() if line.startswith("Provides-Extra")}
-    assert extras == {"plots", "digits", "widgets", "progress", "book"}
+    assert extras == {"plots", "digits", "widgets", "progress", "dask", "book"}
 
 
 def test_trains_without_the_book_extras():

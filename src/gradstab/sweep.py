@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import multiprocessing
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor
 from functools import cached_property
 
 import torch
@@ -77,26 +77,53 @@ def sweep(data: Split, lrs, *, depth: int, seeds=None, steps: int = 100, batch_s
 
 def sweep_grid(data: Split, depths, lrs, variants: dict[str, dict], *, steps: int = 100, seeds=None,
                batch_size: int = 64, momentum: float = 0.9, arch: str = "cnn", workers: int = 1,
-               **knobs) -> list[History]:
+               executor: Executor | None = None, **knobs) -> list[History]:
     """:func:`sweep` for every depth and every named variant (a dict of model knobs and train options).
 
     A variant may also be a function of the depth returning that dict (e.g. a branch scale of
-    ``depth ** -0.5``); ``knobs`` are shared by all variants (a variant's own win). Returns the
-    Histories depth-major, then variant, then lr, then seed; each ``config`` carries ``depth``,
-    ``lr``, ``seed`` and the variant's name under ``"variant"``.
+    ``depth ** -0.5``); ``knobs`` are shared by all variants. A variant's own settings win, also over
+    ``steps``, ``seeds``, ``batch_size`` and ``momentum``. Returns the Histories depth-major, then
+    variant, then lr, then seed; each ``config`` carries ``depth``, ``lr``, ``seed`` and the
+    variant's name under ``"variant"``.
 
-    ``workers > 1`` spreads the (depth, variant) sweeps over that many CPU processes. Each runs
-    on the same number of threads as this one, so the numbers are identical to ``workers=1``;
-    on a GPU the sweeps always run here, one after another.
+    Where the (depth, variant) sweeps run, on a CPU split:
+
+    - ``workers=1``, no ``executor`` (the default): here, one after another.
+    - ``workers > 1``: spread over that many CPU processes of a pool of its own (spawned, closed
+      on return).
+    - ``executor``: any :class:`concurrent.futures.Executor` you own and close, e.g. a
+      ``ProcessPoolExecutor`` or a Dask cluster's ``Client(...).get_executor()``. Each sweep is
+      one ``executor.submit``; the split travels pickled with every job, and the results come back
+      in job order whatever order the jobs finish in. If a job fails, the jobs not yet started are
+      cancelled and its exception is raised here.
+
+    In a worker (process or executor) each job first takes this process's CPU settings
+    (:func:`~gradstab.device.cpu_settings`: thread count, flush-denormal), so on the same machine the
+    numbers are identical to ``workers=1``. On a Dask cluster, ``Client("tcp://scheduler:8786")``
+    connects to its scheduler; every worker needs gradstab and the same torch installed, and the
+    numbers equal a one-process run only on workers with the same kind of CPU and thread count (across
+    machines the last bits of float rounding differ; see the README's "Devices, seeds"). A split on a
+    GPU always runs here, one sweep after another, whatever ``workers`` or ``executor`` say.
+
+    Raises ValueError for an empty ``variants``, a ``workers`` below 1, an ``executor`` that is not a
+    :class:`concurrent.futures.Executor`, or an ``executor`` together with ``workers > 1``.
     """
     if not variants:
         raise ValueError("variants must name at least one variant, e.g. {'plain': {}}")
     positive_int("workers", workers)
+    if executor is not None and not isinstance(executor, Executor):
+        raise ValueError(f"executor must be a concurrent.futures.Executor (e.g. ProcessPoolExecutor or a Dask "
+                         f"Client's get_executor()) or None, got {type(executor).__name__}")
+    if executor is not None and workers > 1:
+        raise ValueError(f"pass either executor or workers > 1, not both (got workers={workers} and an executor): "
+                         "the executor decides how many jobs run at once")
     common = dict(lrs=list(lrs), seeds=seeds, steps=steps, batch_size=batch_size, momentum=momentum, arch=arch)
-    jobs = [(name, dict(depth=depth, **common, **{**knobs, **(variant(depth) if callable(variant) else variant)}))
+    jobs = [(name, dict(depth=depth, **{**common, **knobs, **(variant(depth) if callable(variant) else variant)}))
             for depth in depths for name, variant in variants.items()]
-    if workers == 1 or data.device.type != "cpu":
+    if data.device.type != "cpu" or (executor is None and workers == 1):
         results = [sweep(data, **job) for _, job in jobs]
+    elif executor is not None:
+        results = _submit_all(executor, data, [job for _, job in jobs], cpu_settings())
     else:
         context = multiprocessing.get_context("spawn")
         settings = [cpu_settings()] * len(jobs)
@@ -110,13 +137,28 @@ def sweep_grid(data: Split, depths, lrs, variants: dict[str, dict], *, steps: in
     return runs
 
 
+def _submit_all(executor: Executor, data: Split, jobs: list[dict], settings: dict) -> list[list[History]]:
+    """Submit every job to ``executor`` and collect the results in job order; on the first failure (or an
+    interrupt) cancel the jobs that have not started and raise."""
+    futures = []
+    try:
+        for job in jobs:
+            futures.append(executor.submit(_sweep_job, data, job, settings))
+        return [future.result() for future in futures]
+    except BaseException:
+        for future in futures:
+            future.cancel()
+        raise
+
+
 def _sweep_job(data: Split, job: dict, settings: dict) -> list[History]:
-    """One (depth, variant) sweep in a worker process (a top-level function, so it pickles).
+    """One (depth, variant) sweep in a worker (a top-level function, so it pickles).
 
     The worker takes the parent's thread count and flush-denormal setting, so it rounds exactly as
-    the parent does.
+    the parent does. ``job`` is left as it was (a thread pool passes the caller's own dict).
     """
     configure_cpu(**settings)
+    job = dict(job)
     return sweep(data, job.pop("lrs"), **job)
 
 
