@@ -95,6 +95,12 @@ def test_gaussian_mean_matches_adaptive_quadrature(q):
     assert theory.gaussian_mean(lambda u: u**2, q) == pytest.approx(q, rel=1e-12)
 
 
+def test_gaussian_mean_error_grows_beyond_q_3_as_documented():
+    sech4 = lambda u: 1 / math.cosh(u) ** 4  # noqa: E731
+    error = abs(theory.gaussian_mean(lambda u: 1 / np.cosh(u) ** 4, 10.0) - _scipy_mean(sech4, 10.0))
+    assert 1e-5 < error < 1e-3  # "about 2e-4 at q = 10" (QUADRATURE_NODES)
+
+
 @pytest.mark.parametrize("sigma_w2, sigma_b2", [(1.0, 0.05), (1.76, 0.05), (2.5, 0.1), (4.0, 0.3)])
 def test_q_star_is_a_fixed_point_and_chi1_its_slope_formula(sigma_w2, sigma_b2):
     q = theory.q_star(sigma_w2, sigma_b2)
@@ -139,6 +145,7 @@ def test_chi1_and_q_star_match_a_wide_random_tanh_network():
     (lambda: theory.length_map(-1.0, 1.0, 0.1), "q"),
     (lambda: theory.critical_sigma_w2(-0.05), "sigma_b2"),
     (lambda: theory.q_star(1.0001, 0.0, max_layers=5), "max_layers"),
+    (lambda: theory.q_star(1.5, 0.1, tol=-1.0), "tol"),
 ])
 def test_bad_arguments_name_the_argument(call, name):
     with pytest.raises(ValueError, match=name):

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ._check import positive_float, positive_int
+from .device import resolve_seed
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,7 @@ def hessian_vector_product(model: nn.Module, loss_fn: Callable, x: torch.Tensor,
 
 
 def sharpness(model: nn.Module, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor, *,
-              start: torch.Tensor | None = None, seed: int = 0, iterations: int = 100,
+              start: torch.Tensor | None = None, seed: int | None = None, iterations: int = 100,
               tol: float = 1e-4) -> Sharpness:
     """The largest eigenvalue of the Hessian of ``loss_fn(model(x), y)``, by power iteration on exact
     Hessian-vector products.
@@ -148,7 +149,8 @@ def sharpness(model: nn.Module, loss_fn: Callable, x: torch.Tensor, y: torch.Ten
     per-example losses (averaged), e.g. ``torch.nn.functional.mse_loss``. ``x``, ``y``: one batch (the whole
     training set for full-batch gradient descent), on the model's device. ``start``: the vector to start
     from, e.g. the ``vector`` of an earlier call (a warm start: few iterations when the curvature changed
-    little); otherwise a random normal vector drawn with ``seed``. The iteration stops when the Rayleigh
+    little); otherwise a random normal vector drawn with ``seed`` (None:
+    :func:`~gradstab.device.base_seed`). The iteration stops when the Rayleigh
     quotient changes by at most ``tol`` (relative) between two iterations, or after ``iterations``.
 
     Power iteration finds the eigenvalue of largest magnitude; if that one is negative, a second run on the
@@ -156,20 +158,20 @@ def sharpness(model: nn.Module, loss_fn: Callable, x: torch.Tensor, y: torch.Ten
     the spectrum. The model is evaluated in its current mode, which is left as it was; no parameter's
     ``.grad`` is touched, and buffers the forward pass updates (BatchNorm's running statistics) are left
     as they were. Cost: one forward and backward pass with graph, then one extra backward pass per
-    iteration. Returns a :class:`Sharpness`.
+    iteration. In train mode, dropout draws its one mask from the global torch generator. Returns a
+    :class:`Sharpness`.
 
     Raises ValueError, naming the argument, before any work: a non-module ``model`` or one without
     trainable floating parameters, a non-callable ``loss_fn``, ``x``/``y`` not tensors with as many rows,
-    ``start`` of the wrong shape, non-finite or zero, a non-integer ``seed``, ``iterations`` < 1, ``tol``
-    not > 0; and if the loss on the batch is not finite.
+    ``start`` of the wrong shape, non-finite or zero, a ``seed`` that is not a non-negative integer or
+    None, ``iterations`` < 1, ``tol`` not > 0; and if the loss on the batch is not finite.
 
     References: Pearlmutter (1994), "Fast exact multiplication by the Hessian"; Cohen et al. (2021),
     "Gradient descent on neural networks typically occurs at the edge of stability".
     """
     params = _parameters(model)
     _check_batch(loss_fn, x, y)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
+    seed = resolve_seed(seed)
     positive_int("iterations", iterations)
     positive_float("tol", tol)
     if start is not None:

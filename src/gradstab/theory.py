@@ -92,7 +92,7 @@ def recurrence_norm(rho: float, steps: int, start: float = 1.0) -> torch.Tensor:
 # Gaussian expectations E_z[f(z)], z ~ N(0, 1), are all this theory needs.
 
 #: Gauss–Hermite nodes for E_z[f(sqrt(q) z)]. For tanh the error is below 1e-7 up to q = 3 (sigma_w2 up to about
-#: 5) and grows beyond, to about 1e-4 at q = 10, as tanh' narrows against the Gaussian (tests/test_theory.py).
+#: 5) and grows beyond, to about 2e-4 at q = 10, as tanh' narrows against the Gaussian (tests/test_theory.py).
 QUADRATURE_NODES = 201
 _Z, _W = np.polynomial.hermite_e.hermegauss(QUADRATURE_NODES)  # weight exp(-z^2 / 2): probabilists' Hermite
 _W = _W / _W.sum()
@@ -136,6 +136,7 @@ def q_star(sigma_w2: float, sigma_b2: float, tol: float = 1e-13, max_layers: int
     has not converged after ``max_layers`` steps (only possible right at sigma_b2 = 0, sigma_w2 -> 1).
     """
     sigma_w2, sigma_b2 = _variances(sigma_w2, sigma_b2)
+    positive_float("tol", tol)
     if sigma_b2 == 0 and sigma_w2 <= 1:
         return 0.0
     q = sigma_w2 + sigma_b2
