@@ -18,6 +18,7 @@ from .device import (
     use_threads,
 )
 from .diagnose import Diagnosis, LayerHealth, Remedy, diagnose
+from .distributed import run_distributed
 from .exercise import check_answer
 from .guard import (
     Checkpoint,
@@ -115,6 +116,7 @@ __all__ = [
     "weight_layers",
     "parameter_groups",
     "diagnose",
+    "run_distributed",
     "check_answer",
     "Diagnosis",
     "LayerHealth",

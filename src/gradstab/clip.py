@@ -6,6 +6,11 @@ one tensor or an iterable of tensors. ``clip_grad_norm_`` and ``clip_grad_value_
 (``foreach`` included), return what torch returns and give the same numbers; they differ only where torch
 accepts an argument that has no meaning (a negative ``max_norm``, ``norm_type <= 0``): there they raise a
 ValueError before touching any gradient.
+
+DTensor gradients (a model sharded by FSDP2's ``fully_shard``) are clipped as torch clips them: each
+shard's norm is partial, the norms are reduced over the ranks, so ``clip_grad_norm_`` returns and uses the
+global norm of the whole model (the single-process number), and AGC's unit-wise norms are those of the
+whole units. A mix of DTensor and plain gradients (FSDP2 on part of a model) is measured per tensor.
 """
 
 from __future__ import annotations
@@ -104,11 +109,15 @@ def _groups(grads: list[Tensor], foreach: bool | None) -> list[tuple[list[Tensor
 def _norms(group: list[Tensor], p: float, fast: bool) -> Tensor:
     """``(||g_1||_p, ..., ||g_k||_p)`` of one group, shape (k,), on the group's device and dtype."""
     norms = torch._foreach_norm(group, p) if fast else [torch.linalg.vector_norm(g, p) for g in group]
+    if len({type(n) is Tensor for n in norms}) > 1:  # DTensor norms beside plain ones (FSDP2 on part of a model)
+        norms = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]
     return torch.stack(norms)
 
 
 def _scale_(group: list[Tensor], coef: Tensor, fast: bool) -> None:
     coef = coef.to(group[0].device)
+    if hasattr(coef, "full_tensor") and any(type(g) is Tensor for g in group):
+        coef = coef.full_tensor()  # a plain gradient cannot be multiplied by a DTensor
     if fast:
         torch._foreach_mul_(group, coef)
     else:

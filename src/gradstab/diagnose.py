@@ -29,6 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ._check import one_of, positive_float
+from .distributed import parallel_kind, reshard, world
 from .guard import first_nonfinite_forward
 from .monitor import first_tensor, parameter_groups
 from .probe import growth_per_layer
@@ -133,6 +134,7 @@ class Diagnosis:
     update_ratio: float
     findings: list[Remedy]
     settings: dict = field(default_factory=dict)
+    parallel: str = ""  # "DDP" (DistributedDataParallel), "FSDP2" (DTensor parameters, sharded) or ""
 
     @property
     def remedy(self) -> Remedy:
@@ -166,6 +168,7 @@ class Diagnosis:
             "remedy": self.remedy.as_dict(),
             "findings": [f.as_dict() for f in self.findings],
             "settings": dict(self.settings),
+            "parallel": self.parallel,
         }
 
     def summary_lines(self) -> list[str]:
@@ -174,6 +177,8 @@ class Diagnosis:
         moved = (f"changes the weights by {self.update_ratio:.3g} of their norm" if math.isfinite(self.update_ratio)
                  else "not taken (a gradient is non-finite, or no parameter moved)")
         lines = [f"loss {self.loss:.4g}; {probe} {moved}"]
+        if self.parallel:
+            lines.append(PARALLEL_NOTES[self.parallel].format(ranks=self.settings.get("ranks", "?")))
         if math.isfinite(self.growth_toward_input):
             lines.append(f"depth: {len(self.depth_order)} weight layers; output gradient "
                          f"x{self.growth_toward_input:.3g} per layer toward the input, last/first "
@@ -216,6 +221,15 @@ class Diagnosis:
         notes = "".join(f"<li>{html.escape(line)}</li>" for line in self.summary_lines())
         return (f"<table><thead><tr>{''.join(f'<th>{html.escape(c)}</th>' for c in head)}</tr></thead>"
                 f"<tbody>{cells}</tbody></table><ul>{notes}</ul>")
+
+
+PARALLEL_NOTES = {
+    "DDP": ("parallel: DDP-wrapped, {ranks} ranks (names keep DDP's 'module.' prefix); weight gradients are averaged "
+            "over the ranks' batches, the loss and output gradients are this rank's batch"),
+    "FSDP2": ("parallel: sharded (FSDP2, DTensor parameters), {ranks} ranks; norms are of the whole parameters, "
+              "assembled from the shards; weight gradients are averaged over the ranks' batches, the loss and "
+              "output gradients are this rank's batch"),
+}
 
 
 def _finite(x: float) -> float | None:
@@ -280,6 +294,9 @@ def diagnose(model: nn.Module, batch, *, loss_fn: Callable | None = None, lr: fl
 
     Returns a :class:`Diagnosis`: ``str(d)`` is a text report, ``d._repr_html_()`` a table for Jupyter,
     ``d.as_dict()`` a JSON-able dict, ``d.remedy`` the suggestion (``text`` and book ``pages``).
+    ``d.parallel`` is ``"DDP"`` for a DistributedDataParallel model, ``"FSDP2"`` for one sharded by
+    ``fully_shard`` (DTensor parameters), else ``""``; the report then says so in a line (call it on every
+    rank with that rank's batch: the probe's backward and step are collectives).
     Raises ValueError for a model that is not an ``nn.Module`` or has no parameter requiring grad, a batch
     that is not ``(x, y)`` of tensors on the model's device, a non-positive ``lr``, an unknown
     ``optimizer``, a float ``y`` without ``loss_fn``, or a loss that is not a scalar tensor.
@@ -299,6 +316,7 @@ def diagnose(model: nn.Module, batch, *, loss_fn: Callable | None = None, lr: fl
         step_taken = _probe_step(params, lr, optimizer)
         layers = _layers(groups, grads, before, run, step_taken)
         moved = _update_ratio(params, before) if step_taken else math.nan
+        reshard(model)  # FSDP2: leave no module unsharded by the probe passes before the parameters are put back
     return _conclude(model, layers, run.loss, moved, inputs, (bad_output, bad_between), grads, groups,
                      dict(lr=lr, optimizer=optimizer if isinstance(optimizer, str) else "custom"))
 
@@ -487,7 +505,10 @@ def _conclude(model, layers, loss, moved, inputs, bad_forward, grads, groups, se
         dead=[n for h in layers if h.status == "dead" for n in h.parameters],
         unreached=[n for h in layers if h.status == "unreached" for n in h.parameters],
         frozen=[_display(n) for n, p in model.named_parameters() if not p.requires_grad],
-        recurrent_radius=_recurrent_radius(model), update_ratio=moved, findings=[], settings=settings)
+        recurrent_radius=_recurrent_radius(model), update_ratio=moved, findings=[], settings=settings,
+        parallel=parallel_kind(model))
+    if d.parallel:
+        d.settings["ranks"] = world()[1]
     d.findings = [r for rule in RULES if (r := rule(d)) is not None]
     return d
 

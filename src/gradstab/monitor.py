@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ._check import positive_int
+from .distributed import data_parallel_group, reshard, unwrap
 
 KINDS = ("grad", "act_grad", "update_ratio")
 LOG_PREFIX = {"grad": "grad_norm", "act_grad": "act_grad_norm", "update_ratio": "update_ratio"}
@@ -95,6 +96,9 @@ def _norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     dense gradient's."""
     if any(t.is_sparse for t in tensors):
         tensors = [t.coalesce().values() if t.is_sparse else t for t in tensors]
+    if len({type(t) is torch.Tensor for t in tensors}) > 1:  # DTensors beside plain tensors (FSDP2 on part of
+        # the model): a foreach kernel takes one kind only, so each tensor is measured on its own
+        return [torch.linalg.vector_norm(t, dtype=torch.float32 if t.dtype in NARROW else None) for t in tensors]
     dtypes = {t.dtype for t in tensors}
     if not dtypes & set(NARROW):
         return list(torch._foreach_norm(tensors))
@@ -163,6 +167,12 @@ class GradientMonitor:
     - ``update_ratio``: ||Δθ_l|| / ||θ_l|| across the optimizer step (``updates=True``;
       call :meth:`before_step` before ``optimizer.step()`` and :meth:`after_step` after it).
 
+    Under DDP (``DistributedDataParallel``) or FSDP2 (``fully_shard``, DTensor parameters) every rank gets
+    the numbers of one process training on the union of the ranks' batches: the layer names are those of
+    the wrapped model (no ``module.`` prefix), weight-gradient norms and update ratios are taken over the
+    whole (synchronized or assembled) parameters, and ``act_grad`` combines the ranks' output gradients
+    (one all-reduce per :meth:`record`, which every rank must call).
+
     All norms are 2-norms in float32. Rows stay on the device, as per-tensor norms where they can, until
     :meth:`history` or :meth:`log_dict` reads them, so monitoring costs no host synchronization.
     ``max_rows`` keeps only the newest rows of each kind (None: all). Use as a context manager, or call
@@ -181,6 +191,9 @@ class GradientMonitor:
                 raise ValueError(f"{name} must be True or False, got {flag!r}")
         if max_rows is not None:
             positive_int("max_rows", max_rows)
+        self._group = data_parallel_group(model)  # DDP's or FSDP2's ranks: activation norms combine over them
+        reshard(model)  # FSDP2 after a forward without backward: hold the sharded parameters, not the gathered ones
+        model = unwrap(model)  # DDP's "module." prefix is not part of the layer names
         groups = parameter_groups(model)
         if not groups:
             raise ValueError("model has no parameter that requires grad to monitor")
@@ -253,6 +266,18 @@ class GradientMonitor:
             norms = [n.to(self._params[0].device) for n in norms]
         return _stack(norms) if self._sharded else torch.stack(norms)
 
+    def _over_ranks(self, norms: torch.Tensor) -> torch.Tensor:
+        """Output-gradient norms of the union of the ranks' batches, from each rank's own: under DDP or FSDP2
+        every rank differentiates the mean loss of its own batch and the weight gradients are averaged, so
+        the union's dL/dy is the ranks' own divided by the world size, and its norm is
+        ``sqrt(sum over ranks of ||dL/dy||^2) / world_size`` (exact for equal batch sizes, as DDP assumes).
+        One all-reduce; every rank must call :meth:`record` with the same calls recorded."""
+        import torch.distributed as dist
+
+        squares = norms.float().square()
+        dist.all_reduce(squares, op=dist.ReduceOp.SUM, group=self._group)
+        return squares.sqrt() / dist.get_world_size(self._group)
+
     @torch.no_grad()
     def grad_norms(self) -> torch.Tensor:
         """Per-layer 2-norms (layers,) float32 of the gradients now in ``.grad``, NaN where a layer has none;
@@ -270,6 +295,8 @@ class GradientMonitor:
         self._rows["grad"].append(norms)
         if self.activations:
             norms_of_calls = self._stack(self._act_norms) if self._act_norms else norms.new_zeros(0)
+            if self._group is not None:
+                norms_of_calls = self._over_ranks(norms_of_calls)
             self._rows["act_grad"].append((norms_of_calls, tuple(self._act_owners)))
             self._act_norms, self._act_owners = [], []
         return norms
@@ -311,8 +338,8 @@ class GradientMonitor:
         if not self.updates:
             return
         first = self._params[0]
-        if self._sharded:  # FSDP2's DTensors have no foreach copy
-            self._before = torch._foreach_mul(self._params, 1.0)
+        if self._sharded:  # FSDP2's DTensors have no foreach copy (and a foreach op takes no DTensor/Tensor mix)
+            self._before = [p.detach().clone() for p in self._params]
         else:
             if self._before is None or (self._before[0].device, self._before[0].dtype) != (first.device, first.dtype):
                 self._before = [torch.empty_like(p) for p in self._params]
@@ -324,7 +351,11 @@ class GradientMonitor:
         """Append the per-layer update-to-weight ratio ||Δθ_l|| / ||θ_l|| of the step taken since
         :meth:`before_step` (θ_l after the step; the denominator is floored at 1e-12)."""
         if self._stepping:
-            torch._foreach_sub_(self._before, self._params)  # before <- before - now = -Δθ (same norm)
+            if self._sharded:
+                for before, p in zip(self._before, self._params, strict=True):
+                    before.sub_(p)
+            else:
+                torch._foreach_sub_(self._before, self._params)  # before <- before - now = -Δθ (same norm)
             norms = self._stack(_norms([*self._before, *self._params]))
             self._rows["update_ratio"].append((norms, self._owner_pair))
             self._stepping = False

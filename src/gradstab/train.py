@@ -8,6 +8,7 @@ spikes) and :class:`Schedule` (warmup and an optional scheduler). A run ends in 
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import time
@@ -23,6 +24,7 @@ from .amp import LossScaler
 from .clip import adaptive_clip_grad_, agc_parameters, clip_grad_value_, output_module
 from .data import Split, training_batches
 from .device import resolve_seed, seed_everything
+from .distributed import data_parallel_group, is_ddp, mean_over_ranks, reshard
 from .guard import ACCEPT, ROLLBACK, SKIP, STOP, Event, Guard
 from .monitor import GradientMonitor
 from .norm import _BatchNorm as _ScratchBatchNorm
@@ -433,6 +435,7 @@ class _Step:
     def __init__(self, model, loss_fn, scaler: LossScaler):
         self.model, self.loss_fn, self.scaler = model, loss_fn, scaler
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.ddp = is_ddp(model)  # DDP: all-reduce only the last micro-batch's gradients (no_sync before)
 
     def __call__(self, micro, backward: bool = True) -> tuple[torch.Tensor, _Seen]:
         """Zero the gradients, then forward (and backward) every micro-batch; return the step's mean loss
@@ -440,12 +443,14 @@ class _Step:
         seen, losses = _Seen(self.loss_fn is None), []
         for p in self.params:  # zero_grad(set_to_none=True), without walking the modules every step
             p.grad = None
-        for x, y, rows in micro:
-            with torch.set_grad_enabled(backward), self.scaler.autocast():
-                out = self.model(x)
-                loss, per = _loss(self.loss_fn, out, y)
-            if backward:
-                self.scaler.backward(loss if len(micro) == 1 else loss / len(micro))
+        for k, (x, y, rows) in enumerate(micro):
+            defer = self.ddp and backward and k < len(micro) - 1
+            with self.model.no_sync() if defer else contextlib.nullcontext():
+                with torch.set_grad_enabled(backward), self.scaler.autocast():
+                    out = self.model(x)
+                    loss, per = _loss(self.loss_fn, out, y)
+                if backward:
+                    self.scaler.backward(loss if len(micro) == 1 else loss / len(micro))
             losses.append(loss.detach())
             seen.outputs.append((out.detach(), y, rows, per))
         return losses[0] if len(losses) == 1 else torch.stack(losses).mean(), seen
@@ -518,6 +523,7 @@ class _Run:
     guard: Guard
     schedule: Schedule
     loss_limit: float
+    group: object = None  # the data-parallel process group (DDP, FSDP2), else None
 
     def train(self, batches: Iterator, steps: int, accumulate: int, progress: bool) -> _Log:
         log, previous = _Log(), None
@@ -534,6 +540,8 @@ class _Run:
     def _one(self, t: int, micro, log: _Log, previous) -> tuple[torch.Tensor, str]:
         scale = self.scaler.scale
         loss, seen = self.step(micro)
+        if self.group is not None:  # the loss of the union of the ranks' batches: every rank judges the same
+            loss = mean_over_ranks(loss, self.group)
         self.scaler.unscale(self.opt)
         norms = self.monitor.record()
         nonfinite = self.monitor.nonfinite(norms)
@@ -655,7 +663,11 @@ def train(model: nn.Module, data, *, lr: float | None = None, steps: int = 150, 
     says which). ``activations``/``updates`` record output-gradient norms and
     update-to-weight ratios (:class:`~gradstab.monitor.GradientMonitor`); ``evaluate=False`` skips the final
     accuracy. The same ``seed`` (``None``: :func:`~gradstab.device.base_seed`) gives the same history on one
-    machine. Raises ValueError, naming the argument or the data field, for bad input. The data check runs
+    machine. Under DDP or FSDP2, call it on every rank with that rank's own batches (equal sizes): the
+    loss is averaged over the ranks (one all-reduce per step), so every rank logs and judges the loss and
+    gradients of one process training on the union of the ranks' batches; with ``accumulate`` a DDP model
+    all-reduces only at the last micro-batch (``no_sync`` before). Raises ValueError, naming the argument or
+    the data field, for bad input. The data check runs
     the model once on two examples in eval mode without gradient (forward hooks see that call).
     """
     options = {k: v for k, v in locals().items() if k not in ("model", "data")}
@@ -672,14 +684,17 @@ def train(model: nn.Module, data, *, lr: float | None = None, steps: int = 150, 
         check_split(data, model, loss_fn, scaler.autocast)
     else:
         check_batch(model, x, y, loss_fn, ("data.x", "data.y"), scaler.autocast)
+    reshard(model)
     opt = build_optimizer(optimizer, model, lr, momentum, weight_decay)
     schedule = Schedule(opt, warmup, scheduler)
     guard = Guard(model, opt, skip_nonfinite, rollback, spike_factor, spike_window, checkpoint_every, keep, patience,
                   lr_backoff, loss_limit, schedule.scheduler)
     head = output_module(model, x[:2]) if agc is not None else None  # AGC leaves the classifier out
+    reshard(model)  # FSDP2: the check passes above may leave the root unsharded, with plain-tensor parameters
     run = _Run(model, opt, _Step(model, loss_fn, scaler),
                GradientMonitor(model, activations=activations, updates=updates),
-               Clipper(model, max_norm, clip_value, agc, head), scaler, guard, schedule, loss_limit)
+               Clipper(model, max_norm, clip_value, agc, head), scaler, guard, schedule, loss_limit,
+               data_parallel_group(model))
     start = time.perf_counter()
     log = run.train(batches, steps, accumulate, progress)
     seconds = time.perf_counter() - start
