@@ -246,3 +246,11 @@ def everything(rank: int, world_size: int, mode: str) -> dict:
     except Exception as exc:  # reported, so the other checks still run
         out["diagnose"] = {"error": repr(exc)}
     return out
+
+
+def train_fsdp_float16(rank: int, world: int) -> None:
+    """gs.train with float16 loss scaling on an FSDP2 model: refused with a ValueError before training."""
+    x = torch.randn(BATCH, IN, generator=torch.Generator().manual_seed(rank))
+    y = torch.randint(0, CLASSES, (BATCH,), generator=torch.Generator().manual_seed(rank))
+    gs.train(shard(Net()), [(x, y)], lr=0.1, steps=1, amp="float16", evaluate=False)
+

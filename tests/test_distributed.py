@@ -181,6 +181,7 @@ def test_timeout_kills_every_rank(tmp_path):
     (dict(worker=w.echo, timeout=0), "timeout"),
     (dict(worker=w.echo, timeout=float("nan")), "timeout"),
     (dict(worker=w.echo, timeout="soon"), "timeout"),
+    (dict(worker=w.echo, gen=(i for i in range(3))), "kwargs"),  # a generator does not pickle
 ])
 def test_bad_input_raises_before_anything_starts(kwargs, name):
     worker = kwargs.pop("worker")
@@ -322,3 +323,11 @@ def test_diagnose_weight_gradients_are_the_union_s_under_ddp_and_fsdp2(ddp, fsdp
     for rank in (*ddp, *fsdp):
         close(rank["diagnose"]["grad_norm"], [h.grad_norm for h in d.layers])
         close(rank["diagnose"]["update_ratio"], d.update_ratio)
+
+
+def test_float16_loss_scaling_on_a_sharded_model_is_refused():
+    """Each rank's GradScaler would see only its own shards' inf/NaN, so ranks could skip different steps."""
+    with pytest.raises(RuntimeError, match="ValueError: amp with loss_scaling on a sharded"):
+        gs.run_distributed(w.train_fsdp_float16, nprocs=2, timeout=60)
+    no_children_left()
+

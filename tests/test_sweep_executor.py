@@ -144,6 +144,14 @@ def test_results_come_back_in_job_order_when_jobs_finish_in_reverse(cpu_digits, 
     assert_identical(runs, serial)
 
 
+def test_a_thread_pool_gives_the_numbers_of_one_process(cpu_digits, serial):
+    """Four threads at once: building a model draws from torch's global generator, so jobs that interleaved
+    would get each other's weights; they run one at a time and the numbers are those of one process."""
+    for _ in range(3):  # interleaving, where it happens, depends on timing: give it several chances
+        with time_limit(LIMIT_S, "a sweep on a thread pool"), ThreadPoolExecutor(4) as pool:
+            assert_identical(gs.sweep_grid(cpu_digits, **GRID, executor=pool), serial)
+
+
 def test_unbalanced_grid_on_a_thread_pool_keeps_job_order(cpu_digits):
     """A long first job and short later ones on two threads: the short ones finish first."""
     variants = {"long": {"width": 16}, "short": {"steps": 1}}

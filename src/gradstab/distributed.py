@@ -142,13 +142,14 @@ def run_distributed(worker, nprocs: int = 2, *, timeout: float = 120.0, **kwargs
       its per-rank code: write it to a temporary .py file).
     - Each process uses one CPU thread (:func:`~gradstab.device.configure_cpu` with ``threads=1``),
       starts by ``torch.distributed.init_process_group("gloo")`` on 127.0.0.1 and a free port, and
-      always ends with ``destroy_process_group()``. ``kwargs`` and the return values must pickle.
+      always ends with ``destroy_process_group()``. ``kwargs`` and the return values must pickle;
+      tensors among ``kwargs`` are moved to shared memory in place (``torch.multiprocessing``).
     - ``timeout``: seconds for the whole job. When it passes, every process is killed and a
       TimeoutError names the ranks still running. An exception on a rank kills the others and is
       raised here as RuntimeError naming the rank, with that rank's traceback in the message.
 
-    Raises ValueError for a bad ``worker``, ``nprocs`` (an int >= 1) or ``timeout`` (a number > 0)
-    before any process starts.
+    Raises ValueError for a bad ``worker``, ``nprocs`` (an int >= 1), ``timeout`` (a number > 0) or
+    ``kwargs`` that do not pickle, before any process starts.
     """
     _check_worker(worker)
     if isinstance(nprocs, bool) or not isinstance(nprocs, int) or nprocs < 1:
@@ -159,6 +160,11 @@ def run_distributed(worker, nprocs: int = 2, *, timeout: float = 120.0, **kwargs
         raise ValueError(f"timeout must be a number > 0 (seconds), got {timeout!r}") from None
     if isinstance(timeout, bool) or not math.isfinite(limit) or limit <= 0:
         raise ValueError(f"timeout must be a finite number > 0 (seconds), got {timeout!r}")
+
+    try:
+        pickle.dumps(kwargs)
+    except Exception as error:  # noqa: BLE001 - any pickling failure means the same thing here
+        raise ValueError(f"kwargs must pickle (each process receives a copy); {error}") from None
 
     deadline = time.monotonic() + limit
     for attempt in range(3):
@@ -183,16 +189,18 @@ def _launch(worker, nprocs: int, kwargs: dict, limit: float, deadline: float) ->
     try:
         for rank in range(nprocs):
             receiver, sender = context.Pipe(duplex=False)
+            pipes.append(receiver)  # closed in the finally, whatever happens
             p = context.Process(
                 target=_child,
                 args=(rank, nprocs, port, worker, kwargs, limit, sender),
                 name=f"gradstab-rank{rank}",
                 daemon=True,
             )
-            p.start()
-            sender.close()  # the child holds its own copy
+            try:
+                p.start()
+            finally:
+                sender.close()  # the child holds its own copy
             processes.append(p)
-            pipes.append(receiver)
         pending = set(range(nprocs))
         while pending:
             remaining = deadline - time.monotonic()
@@ -239,11 +247,10 @@ def _launch(worker, nprocs: int, kwargs: dict, limit: float, deadline: float) ->
 
 
 def _dtensor_type():
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without distributed
-        return None
-    return DTensor
+    """DTensor's class, or None while ``torch.distributed.tensor`` is not loaded: nothing can be a DTensor
+    before it is, and importing it costs most of a second, which a single-process run need not pay."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
 
 
 def is_dtensor(t) -> bool:
@@ -299,10 +306,10 @@ def reshard(model: nn.Module) -> None:
     leave FSDP2's root module unsharded, its parameters then being plain tensors, not the DTensors that
     the optimizer, the clipping and the monitor must hold. Call this after such a pass.
     """
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover - torch without distributed
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # not loaded: no module can be an FSDP2 one
+    if fsdp is None:
         return
+    FSDPModule = fsdp.FSDPModule  # noqa: N806
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()
@@ -326,7 +333,10 @@ def data_parallel_group(model: nn.Module):
     for p in model.parameters():
         if is_dtensor(p):
             mesh = p.device_mesh
-            return mesh.get_group() if mesh.ndim == 1 else mesh.get_group(0)
+            if mesh.ndim != 1:
+                raise ValueError(f"model is sharded over a {mesh.ndim}-D device mesh; gradstab supports FSDP2 on a "
+                                 "1-D mesh (every rank a data-parallel rank), where the loss is averaged over all")
+            return mesh.get_group()
     return None
 
 

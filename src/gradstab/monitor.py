@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ._check import positive_int
-from .distributed import data_parallel_group, reshard, unwrap
+from .distributed import data_parallel_group, is_dtensor, reshard, unwrap
 
 KINDS = ("grad", "act_grad", "update_ratio")
 LOG_PREFIX = {"grad": "grad_norm", "act_grad": "act_grad_norm", "update_ratio": "update_ratio"}
@@ -96,7 +96,7 @@ def _norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     dense gradient's."""
     if any(t.is_sparse for t in tensors):
         tensors = [t.coalesce().values() if t.is_sparse else t for t in tensors]
-    if len({type(t) is torch.Tensor for t in tensors}) > 1:  # DTensors beside plain tensors (FSDP2 on part of
+    if len({is_dtensor(t) for t in tensors}) > 1:  # DTensors beside plain tensors (FSDP2 on part of
         # the model): a foreach kernel takes one kind only, so each tensor is measured on its own
         return [torch.linalg.vector_norm(t, dtype=torch.float32 if t.dtype in NARROW else None) for t in tensors]
     dtypes = {t.dtype for t in tensors}

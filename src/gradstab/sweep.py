@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import multiprocessing
+import threading
 import time
 from concurrent.futures import Executor, ProcessPoolExecutor
 from functools import cached_property
@@ -151,15 +152,22 @@ def _submit_all(executor: Executor, data: Split, jobs: list[dict], settings: dic
         raise
 
 
+_ONE_JOB_AT_A_TIME = threading.Lock()  # per process: jobs on threads of one worker run one after another
+
+
 def _sweep_job(data: Split, job: dict, settings: dict) -> list[History]:
     """One (depth, variant) sweep in a worker (a top-level function, so it pickles).
 
     The worker takes the parent's thread count and flush-denormal setting, so it rounds exactly as
-    the parent does. ``job`` is left as it was (a thread pool passes the caller's own dict).
+    the parent does. ``job`` is left as it was (a thread pool passes the caller's own dict). Jobs given to
+    threads of one process (a ThreadPoolExecutor, a Dask worker with several threads) run one at a time:
+    building a model draws from torch's global generator, so interleaved jobs would change each other's
+    weights.
     """
-    configure_cpu(**settings)
     job = dict(job)
-    return sweep(data, job.pop("lrs"), **job)
+    with _ONE_JOB_AT_A_TIME:  # models are drawn from the global torch generator: threads must not interleave
+        configure_cpu(**settings)
+        return sweep(data, job.pop("lrs"), **job)
 
 
 def _batchable(model: nn.Module, options: dict) -> bool:

@@ -24,7 +24,7 @@ from .amp import LossScaler
 from .clip import adaptive_clip_grad_, agc_parameters, clip_grad_value_, output_module
 from .data import Split, training_batches
 from .device import resolve_seed, seed_everything
-from .distributed import data_parallel_group, is_ddp, mean_over_ranks, reshard
+from .distributed import data_parallel_group, is_ddp, is_sharded, mean_over_ranks, reshard
 from .guard import ACCEPT, ROLLBACK, SKIP, STOP, Event, Guard
 from .monitor import GradientMonitor
 from .norm import _BatchNorm as _ScratchBatchNorm
@@ -577,6 +577,8 @@ class _Run:
         if not self.guard.rollback:
             return
         loss, seen = self.step([next(batches) for _ in range(accumulate)], backward=False)
+        if self.group is not None:  # every rank judges the loss of the union of the batches, as in _one
+            loss = mean_over_ranks(loss, self.group)
         action, reason = self.guard.judge(steps, loss, _bad_loss(loss, self.loss_limit), final=True)
         if action == ROLLBACK:
             log.events.append(Event(steps, action, reason, seen.suspect(), self.guard.carry_out(action)))
@@ -666,7 +668,8 @@ def train(model: nn.Module, data, *, lr: float | None = None, steps: int = 150, 
     machine. Under DDP or FSDP2, call it on every rank with that rank's own batches (equal sizes): the
     loss is averaged over the ranks (one all-reduce per step), so every rank logs and judges the loss and
     gradients of one process training on the union of the ranks' batches; with ``accumulate`` a DDP model
-    all-reduces only at the last micro-batch (``no_sync`` before). Raises ValueError, naming the argument or
+    all-reduces only at the last micro-batch (``no_sync`` before); float16 loss scaling on an FSDP2 model is refused
+    (each rank's scaler would see only its shards). Raises ValueError, naming the argument or
     the data field, for bad input. The data check runs
     the model once on two examples in eval mode without gradient (forward hooks see that call).
     """
@@ -678,6 +681,10 @@ def train(model: nn.Module, data, *, lr: float | None = None, steps: int = 150, 
         model.to(data.device)
     model.train()
     scaler = LossScaler(amp, _device_of(model), loss_scaling, init_scale, growth_interval, unscale_before_clip)
+    if scaler.enabled and is_sharded(model):
+        raise ValueError("amp with loss_scaling on a sharded (FSDP2) model is not supported: each rank's GradScaler "
+                         "checks only its own shards for inf/NaN, so the ranks could skip different steps; use "
+                         "amp='bfloat16' (no loss scaling) or loss_scaling=False")
     seed_everything(seed)
     batches, (x, y) = training_batches(data, batch_size, seed, _device_of(model))
     if isinstance(data, Split):
