@@ -170,21 +170,27 @@ def agc_step(rank: int, world_size: int, mode: str, clip_factor: float = 0.01) -
     return {"before": before, "grads": full_grads(model)}
 
 
-def monitor_steps(rank: int, world_size: int, mode: str, steps: int = 2, lr: float = 0.1) -> dict:
-    model = make_model()
-    model = ddp(model) if mode == "ddp" else shard(model)
+def monitored_sgd(model: nn.Module, batch_of_step, steps: int, lr: float) -> gs.GradientMonitor:
+    """SGD with clipping at 1.0, every step recorded by a GradientMonitor; on a rank or on one process."""
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     with gs.GradientMonitor(model, activations=True, updates=True) as mon:
         for t in range(steps):
             opt.zero_grad(set_to_none=True)
-            x, y = batch(rank, step=t)
+            x, y = batch_of_step(t)
             F.cross_entropy(model(x), y).backward()
             mon.record()
             gs.clip_grad_norm_(model.parameters(), 1.0)
             mon.before_step()
             opt.step()
             mon.after_step()
-        logged = mon.log_dict()
+    return mon
+
+
+def monitor_steps(rank: int, world_size: int, mode: str, steps: int = 2, lr: float = 0.1) -> dict:
+    model = make_model()
+    model = ddp(model) if mode == "ddp" else shard(model)
+    mon = monitored_sgd(model, lambda t: batch(rank, step=t), steps, lr)
+    logged = mon.log_dict()
     return {"names": mon.names, "grad": mon.history("grad"), "act_grad": mon.history("act_grad"),
             "update_ratio": mon.history("update_ratio"), "log": logged}
 

@@ -92,19 +92,7 @@ def reference_agc(clip_factor: float = 0.01) -> dict:
 
 
 def reference_monitor(steps: int = 2, lr: float = 0.1) -> gs.GradientMonitor:
-    model = w.make_model()
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
-    with gs.GradientMonitor(model, activations=True, updates=True) as mon:
-        for t in range(steps):
-            opt.zero_grad(set_to_none=True)
-            x, y = w.union(WORLD, step=t)
-            F.cross_entropy(model(x), y).backward()
-            mon.record()
-            gs.clip_grad_norm_(model.parameters(), 1.0)
-            mon.before_step()
-            opt.step()
-            mon.after_step()
-    return mon
+    return w.monitored_sgd(w.make_model(), lambda t: w.union(WORLD, step=t), steps, lr)
 
 
 def reference_train(steps: int = 3, **options) -> tuple[gs.History, dict]:
@@ -228,11 +216,12 @@ def test_ddp_monitor_gives_single_process_numbers_and_names(ddp):
         assert set(got["log"]) == set(mon.log_dict())
 
 
-def test_ddp_train_history_equals_one_process_on_the_union(ddp):
+@pytest.mark.parametrize("wrapping", ["ddp", "fsdp"])
+def test_train_history_equals_one_process_on_the_union(wrapping, request):
     for key, options in (("train", {}), ("train_clip", {"max_norm": 1.0}),
                          ("train_accumulate", {"max_norm": 1.0, "accumulate": 2})):
         h, params = reference_train(**options)
-        for rank in ddp:
+        for rank in request.getfixturevalue(wrapping):
             got = rank[key]
             assert got["names"] == h.layer_names and not got["diverged"]
             close(got["loss"], h.loss)
@@ -278,21 +267,6 @@ def test_fsdp2_monitor_gives_single_process_numbers(fsdp):
         assert got["names"] == mon.names
         for kind in ("grad", "act_grad", "update_ratio"):
             close(got[kind], mon.history(kind))
-
-
-def test_fsdp2_train_history_equals_one_process_on_the_union(fsdp):
-    for key, options in (("train", {}), ("train_clip", {"max_norm": 1.0}),
-                         ("train_accumulate", {"max_norm": 1.0, "accumulate": 2})):
-        h, params = reference_train(**options)
-        for rank in fsdp:
-            got = rank[key]
-            assert got["names"] == h.layer_names and not got["diverged"]
-            close(got["loss"], h.loss)
-            close(got["grad_norm"], h.grad_norm)
-            close(got["grad_norms"], h.grad_norms)
-            close(got["act_grad_norms"], h.act_grad_norms)
-            close(got["update_ratios"], h.update_ratios)
-            assert_dicts_close(got["params"], params)
 
 
 def test_fsdp2_on_part_of_the_model_mixes_dtensors_and_tensors(fsdp):
