@@ -78,3 +78,13 @@ def test_phase_grid_rejects_bad_input():
 
 def test_chance_loss_is_log_ten():
     assert CHANCE_LOSS == pytest.approx(2.302585, abs=1e-6)
+
+
+def test_markdown_table_rows_separator_and_escaped_pipes():
+    text = gs.report.markdown_table(("a", "b"), [(1, "x|y"), (2.5, None)])
+    assert text.splitlines() == ["| a | b |", "|---|---|", "| 1 | x\\|y |", "| 2.5 | None |"]
+
+
+def test_markdown_table_rejects_a_row_of_the_wrong_length():
+    with pytest.raises(ValueError, match=r"rows\[1\] has 1 cells; the header has 2"):
+        gs.report.markdown_table(("a", "b"), [(1, 2), (3,)])

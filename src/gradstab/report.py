@@ -57,6 +57,21 @@ def best_run(histories: dict[str, History]) -> str:
     return max(finished, key=lambda r: r.test_accuracy).label
 
 
+def markdown_table(header, rows) -> str:
+    """A Markdown table with one header row: ``header`` and each row are sequences of cells, shown with
+    ``str``; a ``|`` inside a cell is escaped. Raises ValueError if a row's length differs from the header's."""
+    header = list(header)
+    rows = [list(row) for row in rows]
+    for i, row in enumerate(rows):
+        if len(row) != len(header):
+            raise ValueError(f"rows[{i}] has {len(row)} cells; the header has {len(header)}")
+
+    def line(cells) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    return "\n".join([line(header), "|" + "---|" * len(header)] + [line(row) for row in rows])
+
+
 def comparison_table(histories: dict[str, History]) -> str:
     """A Markdown table: test accuracy, largest layer-gradient norm, divergence and wall time per run.
 
