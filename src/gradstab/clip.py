@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ._check import positive_float
+from .distributed import full_tensor, is_dtensor
 
 __all__ = [
     "adaptive_clip_grad_",
@@ -109,14 +110,14 @@ def _groups(grads: list[Tensor], foreach: bool | None) -> list[tuple[list[Tensor
 def _norms(group: list[Tensor], p: float, fast: bool) -> Tensor:
     """``(||g_1||_p, ..., ||g_k||_p)`` of one group, shape (k,), on the group's device and dtype."""
     norms = torch._foreach_norm(group, p) if fast else [torch.linalg.vector_norm(g, p) for g in group]
-    if len({type(n) is Tensor for n in norms}) > 1:  # DTensor norms beside plain ones (FSDP2 on part of a model)
-        norms = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]
+    if len({is_dtensor(n) for n in norms}) > 1:  # DTensor norms beside plain ones (FSDP2 on part of a model)
+        norms = [full_tensor(n) for n in norms]
     return torch.stack(norms)
 
 
 def _scale_(group: list[Tensor], coef: Tensor, fast: bool) -> None:
     coef = coef.to(group[0].device)
-    if hasattr(coef, "full_tensor") and any(type(g) is Tensor for g in group):
+    if is_dtensor(coef) and not all(is_dtensor(g) for g in group):
         coef = coef.full_tensor()  # a plain gradient cannot be multiplied by a DTensor
     if fast:
         torch._foreach_mul_(group, coef)

@@ -266,13 +266,6 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def local_tensor(t: torch.Tensor) -> torch.Tensor:
-    """This rank's piece of a DTensor, or ``t`` itself."""
-    if is_dtensor(t):
-        return t.to_local()
-    return t
-
-
 def is_ddp(model: nn.Module) -> bool:
     """Whether ``model`` is wrapped in ``torch.nn.parallel.DistributedDataParallel``."""
     return isinstance(model, nn.parallel.DistributedDataParallel)
