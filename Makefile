@@ -4,9 +4,11 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 JB      := $(VENV)/bin/jupyter-book
 HTML    := _build/html/index.html
+EDITION := $(PY) book/_ext/build_zh.py   # the Chinese edition, or the message templates (--builder gettext)
 export PYTHONHASHSEED := 0
 
-.PHONY: setup book book-fresh test unit notebooks portability strict-book browser bench lab lint clean
+.PHONY: setup book book-fresh test unit notebooks portability strict-book translations catalogs browser bench lab \
+        lint clean
 
 # The commands that run the tests, and the profiles of the portability check (see `portability` below).
 UNIT   := $(VENV)/bin/pytest -q -p no:cacheprovider tests --ignore=tests/browser
@@ -29,17 +31,19 @@ $(STAMP): requirements.txt pyproject.toml
 setup: $(STAMP)
 
 ## book: set up, execute the notebooks whose code changed since the last build (jupyter-cache; all of them
-## the first time) and build the HTML book into _build/html
+## the first time) and build the HTML book into _build/html, then its Chinese edition into _build/html/zh
+## from the same executed notebooks
 book: setup
 	$(JB) build . --warningiserror --nitpick --keep-going
-	@echo "The book is at file://$(CURDIR)/$(HTML)"
+	$(EDITION) --strict
+	@echo "The book is at file://$(CURDIR)/$(HTML) (中文版: file://$(CURDIR)/_build/html/zh/index.html)"
 
 ## book-fresh: the same from an empty _build: every notebook executed again (after a change inside gradstab)
 book-fresh: clean book
 
-## test: set up, then unit tests, every notebook under nbmake, the portability check, a strict book build
-## and the browser test
-test: setup lint unit notebooks portability strict-book browser
+## test: set up, then unit tests, every notebook under nbmake, the portability check, a strict build of both
+## editions, the translation check and the browser test
+test: setup lint unit notebooks portability strict-book translations browser
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench book/_ext
@@ -63,6 +67,19 @@ profile-%: setup
 strict-book: setup
 	rm -rf _build
 	$(JB) build . --warningiserror --nitpick --keep-going
+	$(EDITION) --strict
+
+## translations: every message of the English pages translated in locales/zh_CN, none fuzzy, markup kept
+translations: setup
+	$(EDITION) --builder gettext
+	$(PY) book/_ext/catalogs.py
+
+## catalogs: after an English change, bring locales/zh_CN up to date (new entries empty, changed ones fuzzy);
+## then translate them and run `make translations` (README.md, "Translating the book")
+catalogs: setup
+	$(EDITION) --builder gettext
+	$(VENV)/bin/sphinx-intl update -p _build/gettext -l zh_CN -d locales --no-obsolete
+	-$(PY) book/_ext/catalogs.py
 
 browser: setup
 	$(VENV)/bin/pytest -q tests/browser

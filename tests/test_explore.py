@@ -146,10 +146,11 @@ def test_static_html_has_sliders_figures_and_status_lines(runs):
     for key, run in p["runs"].items():
         di, li, vi = map(int, key.split("_"))
         h = by[p["depths"][di], p["lrs"][li], p["variants"][vi]]
-        assert run["status"] == explore.status_line(h) and run["state"] == explore.state(h)
+        assert run["state"] == explore.state(h)
+        assert run["status"] == {lang: explore.status_line(h, lang) for lang in explore.LANGUAGES}
         assert run["svg"].startswith("<svg class='gsx-svg'") and run["svg"].count("<path") >= 3
     bad = p["runs"]["1_1_0"]  # plain, depth 8, lr 3
-    assert bad["state"] == "diverged" and "gsx-diverged" in bad["svg"] and "✗ diverged at step" in bad["status"]
+    assert bad["state"] == "diverged" and "gsx-diverged" in bad["svg"] and "✗ diverged at step" in bad["status"]["en"]
     assert p["runs"]["1_1_1"]["state"] != "diverged"  # clipped
     assert "<svg class='gsx-svg'" in html.split("<script")[0], "the first setting is drawn without JavaScript"
     assert 0 < ex.size() == len(html.encode())
@@ -230,7 +231,7 @@ def test_static_and_live_explorers_show_the_same_line(data):
         di, li, vi = map(int, key.split("_"))
         setting = (payload["depths"][di], payload["lrs"][li], payload["variants"][vi])
         live.update(depth=setting[0], lr=setting[1], clip=setting[2] == "clip")
-        assert html_unescape(live.status.value).endswith(run["status"] + "</b>")
+        assert html_unescape(live.status.value).endswith(run["status"]["en"] + "</b>")
         assert live.history.loss == by_setting[setting].loss  # the same run, not just the same verdict
 
 
@@ -300,3 +301,56 @@ def test_live_rejects_bad_arguments(data):
     with pytest.raises(ValueError, match="update"):
         ex.update(width=3)
     assert not math.isnan(ex.update(depth=1))
+
+
+# --- languages: the Chinese edition's explorers ---------------------------------------------------
+
+def test_chinese_status_lines_follow_the_english_ones():
+    diverged = _fake([2.3, 5.0, math.nan], diverged_step=2, variant="batchnorm+clip")
+    assert explore.status_line(diverged, "zh_CN") == \
+        "深度 2，学习率 0.1，批量归一化+裁剪：✗ 在第 2 步发散（损失变为 nan；第 1 层（l1））"
+    stalled = explore.status_line(_fake([2.3] * 5, acc=0.11), "zh_CN")
+    assert stalled.startswith("深度 2，学习率 0.1，无补救：– 停滞：测试准确率 11%") and "低于 20% 即为停滞" in stalled
+    learned = explore.status_line(_fake([0.3] * 5, acc=0.91), "zh_CN")
+    assert learned.endswith("✓ 学会：最终损失 0.3，测试准确率 91%")
+    unmeasured = explore.status_line(_fake([0.3] * 5), "zh_CN")
+    assert unmeasured.endswith("（未测测试准确率）") and "%" not in unmeasured
+    # every divergence reason gs.train writes has a Chinese form; an unknown one is shown as it is
+    text = explore.TEXT["zh_CN"]
+    assert explore._reason("gradient became non-finite", text) == "梯度出现非有限值"
+    assert explore._reason("loss 1.2e+04 exceeded loss_limit=1e+04", text) == "损失 1.2e+04 超过 loss_limit=1e+04"
+    assert explore._reason("something new", text) == "something new"
+    # the same keys in every language, so no label is missing in one of them
+    assert all(explore.TEXT[lang].keys() == explore.TEXT["en"].keys() for lang in explore.LANGUAGES)
+    with pytest.raises(ValueError, match="language"):
+        explore.status_line(diverged, "fr")
+
+
+def test_static_explorer_carries_both_languages_or_one(runs):
+    ex = explore.static_explorer(runs, title={"en": "grid", "zh_CN": "网格"}, notice="look")
+    p = _payload(ex._repr_html_(), ex.id)
+    assert p["languages"] == ["en", "zh_CN"]
+    assert p["text"]["zh_CN"]["title"] == "网格" and p["text"]["en"]["title"] == "grid"
+    assert p["text"]["zh_CN"]["notice"] == "look" and p["text"]["zh_CN"]["variant_labels"] == ["无补救", "裁剪"]
+    assert all(set(run["status"]) == {"en", "zh_CN"} for run in p["runs"].values())
+    zh = explore.static_explorer(runs, title={"zh_CN": "网格"}, language="zh_CN")
+    html = zh._repr_html_()
+    p = _payload(html, zh.id)
+    assert p["languages"] == ["zh_CN"] and all(list(run["status"]) == ["zh_CN"] for run in p["runs"].values())
+    before_script = html.split("<script")[0]
+    assert ">深度<" in before_script and ">学习率<" in before_script and "无补救" in before_script
+    assert "learning rate" not in before_script, "a Chinese-only explorer shows no English label without JavaScript"
+    with pytest.raises(ValueError, match="missing \\['zh_CN'\\]"):
+        explore.static_explorer(runs, title={"en": "grid only in English"})
+    with pytest.raises(ValueError, match="language"):
+        explore.static_explorer(runs, language="de")
+
+
+def test_live_explorer_speaks_chinese(data):
+    pytest.importorskip("ipywidgets")
+    live = explore.live_explorer(data, steps=4, notice="看这里", language="zh_CN")
+    assert live.depth.description == "深度" and live.lr.description == "学习率"
+    assert [t.description for t in live.toggles.values()] == ["批量归一化", "残差（缩放）", "裁剪 ‖g‖≤1"]
+    assert "注意看：" in live.notice.value and "深度 8，学习率 0.1，无补救：" in html_unescape(live.status.value)
+    with pytest.raises(ValueError, match="language"):
+        explore.live_explorer(data, steps=2, language="xx")

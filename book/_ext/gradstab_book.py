@@ -5,7 +5,8 @@
 * Every notebook's download link serves the *executed* notebook, outputs included, instead of the stored
   source without outputs.
 * The gradstab wheel and a tarball of the book's sources are built with the book and served from ``dist/``;
-  the ``gradstab-download`` directive prints the link and the shell lines for each.
+  the ``gradstab-download`` directive prints the link and the shell lines for each (the Chinese edition links
+  the English edition's ``dist/``).
 
 Registered in ``_config.yml`` (``sphinx.local_extensions`` and the extension list).
 """
@@ -22,6 +23,7 @@ from pathlib import Path
 import nbformat
 import tomllib
 from docutils import nodes
+from gradstab_i18n import edition, to_english_root
 from pybtex.plugin import register_plugin
 from pybtex.style.formatting.unsrt import Style as UnsrtStyle
 from pybtex.style.labels import BaseLabelStyle
@@ -149,8 +151,8 @@ def _sources_of_repo() -> list[str]:
 def _build_downloads(app, exception) -> None:
     """Build the gradstab wheel and a tarball of the book's sources into ``<html>/dist``; each is skipped
     when it is newer than every file it is made of."""
-    if exception is not None or app.builder.format != "html":
-        return
+    if exception is not None or app.builder.format != "html" or edition(app.config.language) != "en":
+        return  # the other editions link the English edition's downloads
     target = Path(app.outdir, WHEEL_DIR)
     target.mkdir(parents=True, exist_ok=True)
     wheel = target / wheel_name()
@@ -174,6 +176,9 @@ def _stale(product: Path, inputs: list[Path]) -> bool:
     return not product.is_file() or product.stat().st_mtime <= max(p.stat().st_mtime for p in inputs)
 
 
+DOWNLOAD_LABEL = {"en": "Download: ", "zh_CN": "下载："}
+
+
 class DownloadDirective(SphinxDirective):
     """``{gradstab-download} wheel`` or ``{gradstab-download} sources``: a link to the file served with the
     book and the shell lines that use it."""
@@ -191,8 +196,9 @@ class DownloadDirective(SphinxDirective):
             command = f"tar xzf {name} && cd {SOURCES}\nmake lab"
         else:
             raise self.error(f"gradstab-download takes 'wheel' or 'sources', got {kind!r}")
-        uri = "../" * self.env.docname.count("/") + f"{WHEEL_DIR}/{name}"
-        link = nodes.paragraph("", "Download: ", nodes.reference(name, name, refuri=uri, classes=[f"gradstab-{kind}"]))
+        uri = "../" * self.env.docname.count("/") + to_english_root(self.config.language) + f"{WHEEL_DIR}/{name}"
+        label = DOWNLOAD_LABEL[edition(self.config.language)]
+        link = nodes.paragraph("", label, nodes.reference(name, name, refuri=uri, classes=[f"gradstab-{kind}"]))
         return [link, nodes.literal_block(command, command, language="bash")]
 
 

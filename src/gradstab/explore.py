@@ -15,6 +15,11 @@ non-finite), *stalled* (finite, but test accuracy below :data:`STALL_ACCURACY`, 
 
 A *variant* names the remedies switched on: ``"plain"`` or a ``+``-joined subset of
 ``batchnorm``, ``residual`` (branch scaled by 1/sqrt(depth)) and ``clip`` (global norm 1).
+
+Both explorers speak English or Chinese (``language``: one of ``LANGUAGES``): labels, status lines and the
+names of the remedies. The static explorer can carry both and pick the page's language (``language="auto"``),
+so the English and the Chinese edition of the book show one executed output each in its own language. The
+figures' axis labels stay English.
 """
 from __future__ import annotations
 
@@ -22,10 +27,11 @@ import hashlib
 import itertools
 import json
 import math
+import re
 import statistics
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from html import escape
 
 import torch
@@ -40,6 +46,41 @@ REMEDIES = ("batchnorm", "residual", "clip")
 CLIP_NORM = 1.0
 LOSS_AXIS = (1e-3, 1e3)  # loss-axis limits: a loss above 1e3 has exploded, and is marked on the top edge
 _ids = itertools.count()
+LANGUAGES = ("en", "zh_CN")
+# Every word an explorer shows, by language (the Chinese follows the book's glossary).
+TEXT = {
+    "en": dict(
+        depth="depth", lr="learning rate", lr_axis="learning rate (log scale)", remedy="remedy:",
+        notice_label="What to notice:", variants=dict(plain="plain", batchnorm="batchnorm", residual="residual",
+                                                 clip="clip"),
+        toggles=("BatchNorm", "residual (scaled)", f"clip ‖g‖≤{CLIP_NORM:g}"),
+        setting="depth {depth}, learning rate {lr}, {variant}: ", missing="no run was computed for this setting",
+        failed="could not train this setting: {error}",
+        diverged="✗ diverged at step {step} ({reason}{layer})", layer="; layer {index} ({name})",
+        layer_name="; layer {name}",
+        stalled_acc="– stalled: test accuracy {acc:.0%}, final loss {loss:.3g} (chance is {chance:.0%}; stalled "
+                    "means below {stall:.0%})",
+        stalled_loss="– stalled: final loss {loss:.3g}, test accuracy not measured (guessing gives ln 10 = "
+                     "{ln10:.2f}; stalled means a loss above {stall:.2f})",
+        learned="✓ learned: final loss {loss:.3g}{tested}", tested=", test accuracy {acc:.0%}",
+        untested=" (test accuracy not measured)", reasons=()),
+    "zh_CN": dict(
+        depth="深度", lr="学习率", lr_axis="学习率（对数刻度）", remedy="补救措施：", notice_label="注意看：",
+        variants=dict(plain="无补救", batchnorm="批量归一化", residual="残差", clip="裁剪"),
+        toggles=("批量归一化", "残差（缩放）", f"裁剪 ‖g‖≤{CLIP_NORM:g}"),
+        setting="深度 {depth}，学习率 {lr}，{variant}：", missing="这一设置没有计算过",
+        failed="无法训练这一设置：{error}",
+        diverged="✗ 在第 {step} 步发散（{reason}{layer}）", layer="；第 {index} 层（{name}）",
+        layer_name="；层 {name}",
+        stalled_acc="– 停滞：测试准确率 {acc:.0%}，最终损失 {loss:.3g}（随机猜测为 {chance:.0%}；低于 {stall:.0%} "
+                    "即为停滞）",
+        stalled_loss="– 停滞：最终损失 {loss:.3g}，未测测试准确率（随机猜测的损失为 ln 10 = {ln10:.2f}；损失高于 "
+                     "{stall:.2f} 即为停滞）",
+        learned="✓ 学会：最终损失 {loss:.3g}{tested}", tested="，测试准确率 {acc:.0%}", untested="（未测测试准确率）",
+        # gs.train's divergence reasons (train.py), English pattern -> Chinese
+        reasons=((r"loss became (\S+)", r"损失变为 \1"), (r"gradient became non-finite", "梯度出现非有限值"),
+                 (r"loss (\S+) exceeded loss_limit=(\S+)", r"损失 \1 超过 loss_limit=\2"))),
+}
 
 
 # --- what a variant means -------------------------------------------------------------------
@@ -187,42 +228,63 @@ def state(history: History) -> str:
     return "stalled" if not math.isfinite(loss) or loss > STALL_LOSS else "learned"
 
 
-def _layer(history: History) -> str:
+def language_of(language: str) -> dict:
+    """The ``TEXT`` entry of one of ``LANGUAGES``; raises ValueError for another."""
+    return TEXT[one_of("language", language, LANGUAGES)]
+
+
+def variant_label(variant: str, language: str = "en") -> str:
+    """A variant's name as the explorer shows it: ``"batchnorm+clip"`` -> ``"批量归一化+裁剪"`` in Chinese."""
+    names = language_of(language)["variants"]
+    return "+".join(names.get(part, part) for part in variant.split("+"))
+
+
+def _reason(reason: str, text: dict) -> str:
+    for pattern, replacement in text["reasons"]:
+        if re.fullmatch(pattern, reason):
+            return re.sub(pattern, replacement, reason)
+    return reason
+
+
+def _layer(history: History, text: dict) -> str:
     """``"; layer 5 (blocks.4.layer)"``: the index the figure's layer axis uses, and the layer's name."""
     layer = history.diverged_layer
     if layer is None:
         return ""
     names = list(history.layer_names)
-    return f"; layer {names.index(layer)} ({layer})" if layer in names else f"; layer {layer}"
+    if layer not in names:
+        return text["layer_name"].format(name=layer)
+    return text["layer"].format(index=names.index(layer), name=layer)
 
 
-def outcome(history: History) -> str:
+def outcome(history: History, language: str = "en") -> str:
     """The status line's verdict: ``"✗ diverged at step 36 (...; layer 3)"``, ``"– stalled: ..."`` or
-    ``"✓ learned: ..."``. An accuracy is shown only when it was measured."""
+    ``"✓ learned: ..."`` (in Chinese with ``language="zh_CN"``). An accuracy is shown only when it was measured."""
+    text = language_of(language)
     kind = state(history)
     if kind == "diverged":
-        return f"✗ diverged at step {history.diverged_step} ({history.reason}{_layer(history)})"
+        return text["diverged"].format(step=history.diverged_step, reason=_reason(history.reason, text),
+                                       layer=_layer(history, text))
     loss, acc = final_loss(history), measured_accuracy(history)
     if kind == "stalled":
         if acc is not None:
-            return (f"– stalled: test accuracy {acc:.0%}, final loss {loss:.3g} (chance is {CHANCE_ACCURACY:.0%}; "
-                    f"stalled means below {STALL_ACCURACY:.0%})")
-        return (f"– stalled: final loss {loss:.3g}, test accuracy not measured (guessing gives ln 10 = "
-                f"{math.log(10):.2f}; stalled means a loss above {STALL_LOSS:.2f})")
-    tested = f", test accuracy {acc:.0%}" if acc is not None else " (test accuracy not measured)"
-    return f"✓ learned: final loss {loss:.3g}{tested}"
+            return text["stalled_acc"].format(acc=acc, loss=loss, chance=CHANCE_ACCURACY, stall=STALL_ACCURACY)
+        return text["stalled_loss"].format(loss=loss, ln10=math.log(10), stall=STALL_LOSS)
+    tested = text["tested"].format(acc=acc) if acc is not None else text["untested"]
+    return text["learned"].format(loss=loss, tested=tested)
 
 
 def _lr_text(lr: float) -> str:
     return f"{lr:.3g}"
 
 
-def status_line(history: History) -> str:
+def status_line(history: History, language: str = "en") -> str:
     """``"depth 8, learning rate 0.1, plain: "`` followed by :func:`outcome`; both explorers show this line."""
     cfg = history.config
     variant = cfg.get("variant") or _key(history)[2]
-    return f"depth {cfg.get('depth')}, learning rate {_lr_text(float(cfg.get('lr', math.nan)))}, {variant}: " + \
-        outcome(history)
+    return language_of(language)["setting"].format(
+        depth=cfg.get("depth"), lr=_lr_text(float(cfg.get("lr", math.nan))),
+        variant=variant_label(variant, language)) + outcome(history, language)
 
 
 # --- static explorer: per-setting SVG strings + range sliders, no kernel -----------------------
@@ -272,9 +334,11 @@ def _range(values: Iterable, decades: float, lowest: float = 0.0, highest: float
     return 10.0**k0, 10.0**k1
 
 
-def grid_payload(histories: Sequence[History], max_points: int = 200) -> dict:
-    """The content of a static explorer: for every setting its status line, state and SVG figure
-    (drawn by :func:`svg_figure` on axes shared by the whole grid)."""
+def grid_payload(histories: Sequence[History], max_points: int = 200, languages: Sequence[str] = ("en",)) -> dict:
+    """The content of a static explorer: for every setting its state, SVG figure (drawn by :func:`svg_figure`
+    on axes shared by the whole grid) and status line in each of ``languages`` (``{"en": line, ...}``)."""
+    for language in languages:
+        language_of(language)
     if not histories:
         raise ValueError("histories must be a non-empty list of gs.History (e.g. from gs.explore.grid)")
     keyed = {}
@@ -293,7 +357,7 @@ def grid_payload(histories: Sequence[History], max_points: int = 200) -> dict:
     runs = {}
     for (d, lr, v), h in keyed.items():
         runs[f"{depths.index(d)}_{lrs.index(lr)}_{variants.index(v)}"] = dict(
-            state=state(h), status=status_line(h),
+            state=state(h), status={language: status_line(h, language) for language in languages},
             svg=svg_figure(h, max_points, loss_range=loss_range, grad_range=grad_range, packed=packs[d, lr, v]))
     return dict(depths=depths, lrs=lrs, lr_labels=[_lr_text(lr) for lr in lrs], variants=variants, runs=runs,
                 colors=STATE_COLORS, loss_range=loss_range, grad_range=grad_range)
@@ -307,10 +371,15 @@ def _script_safe(text: str) -> str:
 class StaticExplorer:
     """A kernel-free explorer: display it (its ``_repr_html_``) in a notebook cell."""
 
-    def __init__(self, histories: Sequence[History], title: str = "Depth × learning rate explorer",
-                 max_points: int = 200, notice: str = ""):
-        self.payload = grid_payload(histories, max_points)
-        self.title, self.notice = title, notice
+    def __init__(self, histories: Sequence[History], title: str | Mapping[str, str] = "Depth × learning rate explorer",
+                 max_points: int = 200, notice: str | Mapping[str, str] = "", language: str = "auto"):
+        languages = LANGUAGES if language == "auto" else (one_of("language", language, (*LANGUAGES, "auto")),)
+        titles, notices = _by_language("title", title, languages), _by_language("notice", notice, languages)
+        self.payload = grid_payload(histories, max_points, languages)
+        self.payload["text"] = {lang: dict(
+            title=titles[lang], notice=notices[lang], **{k: TEXT[lang][k] for k in _PAGE_TEXT},
+            variant_labels=[variant_label(v, lang) for v in self.payload["variants"]]) for lang in languages}
+        self.payload["languages"] = list(languages)
         blob = json.dumps(self.payload, sort_keys=True, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
         self.id = f"gsx-{hashlib.sha1(blob.encode()).hexdigest()[:10]}-{next(_ids)}"
         self._json = _script_safe(blob)
@@ -318,22 +387,28 @@ class StaticExplorer:
     def __repr__(self) -> str:
         p = self.payload
         return (f"StaticExplorer({len(p['depths'])} depths x {len(p['lrs'])} learning rates x "
-                f"{len(p['variants'])} variants)")
+                f"{len(p['variants'])} variants, languages {p['languages']})")
 
     def _repr_html_(self) -> str:
+        """The explorer in its first language; the script switches it to the page's language (``<html lang>``)."""
         p, i = self.payload, self.id
+        t = p["text"][p["languages"][0]]
         radios = "".join(
             f'<label style="margin-right:1em"><input type="radio" name="{i}-variant" value="{k}"'
-            f'{" checked" if k == 0 else ""}> {escape(v)}</label>' for k, v in enumerate(p["variants"]))
+            f'{" checked" if k == 0 else ""}> <span class="gsx-t-variant">{escape(v)}</span></label>'
+            for k, v in enumerate(t["variant_labels"]))
         dval, lval = (len(p["depths"]) - 1) // 2, (len(p["lrs"]) - 1) // 2
-        first = p["runs"].get(f"{dval}_{lval}_0", {"svg": "", "status": "", "state": "learned"})
-        notice = (f'<div class="gsx-notice" style="margin-bottom:4px"><i>What to notice:</i> {escape(self.notice)}'
-                  '</div>') if self.notice else ""
+        first = p["runs"].get(f"{dval}_{lval}_0", {"svg": "", "status": {}, "state": "learned"})
+        notice = (f'<div class="gsx-notice" style="margin-bottom:4px"><i class="gsx-t-notice">'
+                  f'{escape(t["notice_label"])}</i> <span class="gsx-notice-text">{escape(t["notice"])}</span></div>'
+                  ) if t["notice"] else ""
         return _HTML.format(
-            id=i, title=escape(self.title), notice=notice, json=self._json, radios=radios, js=_JS.replace("__ID__", i),
-            dmax=len(p["depths"]) - 1, dval=dval, lmax=len(p["lrs"]) - 1, lval=lval,
-            dout=p["depths"][dval], lout=p["lr_labels"][lval], status=escape(first["status"]),
-            color=STATE_COLORS[first["state"]], svg=first["svg"],
+            id=i, title=escape(t["title"]), notice=notice, json=self._json, radios=radios,
+            js=_JS.replace("__ID__", i), dmax=len(p["depths"]) - 1, dval=dval, lmax=len(p["lrs"]) - 1, lval=lval,
+            dout=p["depths"][dval], lout=p["lr_labels"][lval],
+            status=escape(first["status"].get(p["languages"][0], "")),
+            color=STATE_COLORS[first["state"]], svg=first["svg"], depth=escape(t["depth"]), lr=escape(t["lr"]),
+            lr_axis=escape(t["lr_axis"], quote=True), remedy=escape(t["remedy"]),
         )
 
     def size(self) -> int:
@@ -341,32 +416,63 @@ class StaticExplorer:
         return len(self._repr_html_().encode())
 
 
-def static_explorer(histories: Sequence[History], title: str = "Depth × learning rate explorer",
-                    max_points: int = 200, notice: str = "") -> StaticExplorer:
+# the TEXT entries the page's script needs
+_PAGE_TEXT = ("notice_label", "depth", "lr", "lr_axis", "remedy", "setting", "missing")
+
+
+def _by_language(name: str, value: str | Mapping[str, str], languages: Sequence[str]) -> dict[str, str]:
+    """One text per language: a plain string serves every language; a mapping must name each of them."""
+    if isinstance(value, str):
+        return dict.fromkeys(languages, value)
+    missing = [lang for lang in languages if lang not in value]
+    if missing:
+        raise ValueError(f"{name} must be a string or a mapping with a text for each language {list(languages)}; "
+                         f"missing {missing}")
+    return {lang: str(value[lang]) for lang in languages}
+
+
+def static_explorer(histories: Sequence[History], title: str | Mapping[str, str] = "Depth × learning rate explorer",
+                    max_points: int = 200, notice: str | Mapping[str, str] = "",
+                    language: str = "auto") -> StaticExplorer:
     """Explorer over precomputed runs (``config`` must hold depth, lr and variant; one run per setting) that
-    needs no kernel. ``notice`` is the one line under the title that says what to look for."""
-    return StaticExplorer(histories, title, max_points, notice)
+    needs no kernel. ``notice`` is the one line under the title that says what to look for.
+
+    ``language`` is one of ``LANGUAGES``, or ``"auto"`` (the default): the explorer then carries every
+    language and shows the page's (``<html lang="zh-CN">`` gives Chinese, anything else English). ``title``
+    and ``notice`` are a string, or a mapping from language to text, e.g. ``{"en": ..., "zh_CN": ...}``.
+
+    Raises ValueError for an empty or duplicated grid, an unknown language, or a mapping missing a language.
+    """
+    return StaticExplorer(histories, title, max_points, notice, language)
 
 
 _HTML = """<div id="{id}" class="gsx-explorer" style="font:13px sans-serif;max-width:760px;\
 border:1px solid #8884;border-radius:6px;padding:8px 12px;margin:8px 0">
-<div style="font-weight:bold;margin-bottom:4px">{title}</div>
-{notice}<div><label>depth <input type="range" class="gsx-depth" min="0" max="{dmax}" step="1" value="{dval}" \
-aria-label="depth"> <output class="gsx-depth-out">{dout}</output></label>
-<label style="margin-left:1.5em">learning rate <input type="range" class="gsx-lr" min="0" max="{lmax}" \
-step="1" value="{lval}" aria-label="learning rate (log scale)"> <output class="gsx-lr-out">{lout}</output></label></div>
-<div style="margin:4px 0">remedy: {radios}</div>
+<div class="gsx-title" style="font-weight:bold;margin-bottom:4px">{title}</div>
+{notice}<div><label><span class="gsx-t-depth">{depth}</span> <input type="range" class="gsx-depth" min="0" \
+max="{dmax}" step="1" value="{dval}" aria-label="{depth}"> <output class="gsx-depth-out">{dout}</output></label>
+<label style="margin-left:1.5em"><span class="gsx-t-lr">{lr}</span> <input type="range" class="gsx-lr" min="0" \
+max="{lmax}" step="1" value="{lval}" aria-label="{lr_axis}"> <output class="gsx-lr-out">{lout}</output></label></div>
+<div style="margin:4px 0"><span class="gsx-t-remedy">{remedy}</span> {radios}</div>
 <div class="gsx-status" role="status" style="margin:4px 0;font-weight:bold;color:{color}">{status}</div>
 <div class="gsx-figure">{svg}</div>
 <script type="application/json" id="{id}-data">{json}</script>
 <script>{js}</script>
 </div>"""
 
-# All drawing happens in Python (svg_figure); the script only swaps in the chosen setting's figure and status.
+# All drawing happens in Python (svg_figure); the script picks the page's language, then swaps in the chosen
+# setting's figure and status line.
 _JS = r"""(function () {
 var root = document.getElementById("__ID__");
 var D = JSON.parse(document.getElementById("__ID__-data").textContent);
+var page = (document.documentElement.lang || "").toLowerCase().indexOf("zh") === 0 ? "zh_CN" : "en";
+var L = D.languages.indexOf(page) >= 0 ? page : D.languages[0], T = D.text[L];
 function q(s) { return root.querySelector(s); }
+function say(s, text) { var e = q(s); if (e) e.textContent = text; }
+say(".gsx-title", T.title); say(".gsx-t-notice", T.notice_label); say(".gsx-notice-text", T.notice);
+say(".gsx-t-depth", T.depth); say(".gsx-t-lr", T.lr); say(".gsx-t-remedy", T.remedy);
+q(".gsx-depth").setAttribute("aria-label", T.depth); q(".gsx-lr").setAttribute("aria-label", T.lr_axis);
+root.querySelectorAll(".gsx-t-variant").forEach(function (e, k) { e.textContent = T.variant_labels[k]; });
 function show() {
   var di = +q(".gsx-depth").value, li = +q(".gsx-lr").value, c = q("input[type=radio]:checked");
   var vi = c ? +c.value : 0, r = D.runs[di + "_" + li + "_" + vi], st = q(".gsx-status");
@@ -374,8 +480,8 @@ function show() {
   var setting = D.depths[di] + "|" + D.lrs[li] + "|" + D.variants[vi];
   q(".gsx-figure").innerHTML = r ? r.svg : '<svg class="gsx-svg" viewBox="0 0 720 20"></svg>';
   q(".gsx-svg").setAttribute("data-setting", setting);
-  st.textContent = r ? r.status : "depth " + D.depths[di] + ", learning rate " + D.lr_labels[li] + ", " +
-                   D.variants[vi] + ": no run was computed for this setting";
+  st.textContent = r ? r.status[L] : T.setting.replace("{depth}", D.depths[di]).replace("{lr}", D.lr_labels[li])
+                   .replace("{variant}", T.variant_labels[vi]) + T.missing;
   st.style.color = r ? D.colors[r.state] : "";
 }
 root.addEventListener("input", show);
@@ -585,9 +691,11 @@ class LiveExplorer:
 
     def __init__(self, data: Split, depths=(1, 16), lrs=(1e-3, 3.0), steps: int = 60, arch: str = "mlp",
                  width: int | None = None, batch_size: int = 64, debounce: float = 0.15, seed: int | None = None,
-                 notice: str = ""):
+                 notice: str = "", language: str = "en"):
         import ipywidgets as w  # lazy: the package imports without a kernel
 
+        self.language = language
+        text = language_of(language)
         lo, hi = (positive_int("depths[0]", depths[0]), positive_int("depths[1]", depths[1]))
         lr_lo, lr_hi = positive_float("lrs[0]", lrs[0]), positive_float("lrs[1]", lrs[1])
         if lo > hi or lr_lo >= lr_hi:
@@ -598,15 +706,15 @@ class LiveExplorer:
                             batch_size=positive_int("batch_size", batch_size, minimum=2))
         self.debounce = positive_float("debounce", debounce, allow_zero=True)
         style = {"description_width": "initial"}
-        self.depth = w.IntSlider(value=min(max(8, lo), hi), min=lo, max=hi, description="depth", style=style)
+        self.depth = w.IntSlider(value=min(max(8, lo), hi), min=lo, max=hi, description=text["depth"], style=style)
         self.lr = w.FloatLogSlider(value=min(max(0.1, lr_lo), lr_hi), base=10, min=math.log10(lr_lo),
-                                   max=math.log10(lr_hi), step=0.1, description="learning rate",
+                                   max=math.log10(lr_hi), step=0.1, description=text["lr"],
                                    readout_format=".3g", style=style)
         self.toggles = {name: w.ToggleButton(value=False, description=label) for name, label in
-                        zip(REMEDIES, ("BatchNorm", "residual (scaled)", f"clip ‖g‖≤{CLIP_NORM:g}"), strict=True)}
+                        zip(REMEDIES, text["toggles"], strict=True)}
         self.status = w.HTML()
         self.figure = w.HTML()
-        self.notice = w.HTML(f"<i>What to notice:</i> {escape(notice)}" if notice else "")
+        self.notice = w.HTML(f"<i>{escape(text['notice_label'])}</i> {escape(notice)}" if notice else "")
         self.widget = w.VBox([self.notice, w.HBox([self.depth, self.lr]), w.HBox(list(self.toggles.values())),
                               self.status, self.figure])
         self.history: History | None = None
@@ -713,11 +821,12 @@ class LiveExplorer:
 
     def _show(self, history) -> None:
         if isinstance(history, str):
-            self.status.value = f"<b style='color:#d62728'>could not train this setting: {history}</b>"
+            failed = TEXT[self.language]["failed"].format(error=history)
+            self.status.value = f"<b style='color:#d62728'>{escape(failed)}</b>"
             return
         self.history = history
         color = STATE_COLORS[state(history)]
-        self.status.value = f"<b style='color:{color}'>{escape(status_line(history))}</b>"
+        self.status.value = f"<b style='color:{color}'>{escape(status_line(history, self.language))}</b>"
         self.figure.value = svg_figure(history)
 
 
@@ -726,7 +835,8 @@ def live_explorer(data: Split, depths=(1, 16), lrs=(1e-3, 3.0), steps: int = 60,
 
     ``depths`` and ``lrs`` are (low, high) slider ranges; ``arch`` ("mlp" or "cnn"), ``steps``, ``width``,
     ``batch_size`` and ``seed`` are :func:`run_one`'s, so a setting gives the numbers the static explorer
-    shows for it when both use the same options. ``notice`` is a line saying what to look for. Needs
+    shows for it when both use the same options. ``notice`` is a line saying what to look for; ``language``
+    (one of ``LANGUAGES``) the language of the labels and the status line. Needs
     ipywidgets; without a frontend it still runs (the first setting is trained at construction).
     """
     return LiveExplorer(data, depths=depths, lrs=lrs, steps=steps, **kwargs)

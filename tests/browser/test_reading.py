@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
+
 # Elements that overflow their box, and whether they scroll inside it. `pre` in cell outputs must wrap at
 # 1400 px; at 400 px anything wider than the column must scroll inside its own box, never be cut off or widen
 # the page.
@@ -68,7 +70,8 @@ def test_figures_are_vector_or_sharp_with_readable_type(pages, base_url, offline
 
 
 def test_every_figure_is_numbered_and_captioned(pages, base_url, offline_page):
-    """The paragraph after a figure's cell starts with "Figure C.k." (the book's caption convention)."""
+    """The paragraph after a figure's cell starts with "Figure C.k." (the book's caption convention; "图 C.k" in
+    the Chinese edition)."""
     page, problems = offline_page.page, []
     for rel in pages:
         page.goto(base_url + rel, wait_until="load")
@@ -77,7 +80,7 @@ def test_every_figure_is_numbered_and_captioned(pages, base_url, offline_page):
             .map(c => { let n = c.nextElementSibling; while (n && !n.innerText.trim()) n = n.nextElementSibling;
                         return n ? n.innerText.trim().slice(0, 40) : ''; })""")
         problems += [f"{rel}: figure without a numbered caption (next text: {c!r})" for c in captions
-                     if not re.match(r"Figure \d+\.\d+\.", c)]
+                     if not re.match(r"Figure \d+\.\d+\.|图 \d+\.\d+", c)]
     assert not problems, "\n".join(problems)
 
 
@@ -112,7 +115,7 @@ def test_one_header_bar_and_one_search_box(base_url, offline_page):
 
 def test_chapters_end_with_exercises_whose_solutions_start_hidden(pages, base_url, offline_page):
     page, missing, shown = offline_page.page, [], []
-    chapters = [rel for rel in pages if re.match(r"book/(ch\d|explorer)", rel) and "ch7_faq" not in rel
+    chapters = [rel for rel in pages if re.match(r"(zh/)?book/(ch\d|explorer)", rel) and "ch7_faq" not in rel
                 and not rel.endswith(("ch2_principles.html", "ch5_optimization.html"))]
     for rel in chapters:
         page.goto(base_url + rel, wait_until="load")
@@ -142,11 +145,14 @@ def test_download_serves_the_executed_notebooks(html_root):
     assert not served_without_outputs(html_root), "downloads without outputs (the unexecuted source)"
 
 
-def test_run_page_links_the_wheel_and_the_sources_it_serves(html_root, base_url, offline_page):
+@pytest.mark.parametrize("run_page", ["book/run.html", "zh/book/run.html"])
+def test_run_page_links_the_wheel_and_the_sources_it_serves(html_root, base_url, offline_page, run_page):
+    """Both editions link the files the English build serves (the Chinese edition builds no second copy)."""
     page = offline_page.page
-    page.goto(base_url + "book/run.html", wait_until="load")
+    page.goto(base_url + run_page, wait_until="load")
     for kind, suffix in (("wheel", ".whl"), ("sources", ".gz")):
         href = page.locator(f"a.gradstab-{kind}").get_attribute("href")
-        served = (html_root / "book" / href).resolve()
-        assert served.is_file() and served.suffix == suffix, f"the run page links {href}, which was not built"
+        served = (html_root / run_page).parent.joinpath(href).resolve()
+        assert served.is_file() and served.suffix == suffix, f"{run_page} links {href}, which was not built"
+        assert served.parent == (html_root / "dist").resolve()
     assert "pip install" in page.locator("article").inner_text()
