@@ -4,9 +4,10 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 JB      := $(VENV)/bin/jupyter-book
 HTML    := _build/html/index.html
-EDITION := $(PY) book/_ext/build_zh.py   # the Chinese edition, or the message templates (--builder gettext)
+ZH_BUILD := $(PY) book/_ext/build_zh.py   # the Chinese edition, or the message templates (--builder gettext)
 export PYTHONHASHSEED := 0
 
+.NOTPARALLEL:   # strict-book empties _build, which translations and browser read: one target at a time
 .PHONY: setup book book-fresh test unit notebooks portability strict-book translations catalogs browser bench lab \
         lint clean
 
@@ -35,7 +36,7 @@ setup: $(STAMP)
 ## from the same executed notebooks
 book: setup
 	$(JB) build . --warningiserror --nitpick --keep-going
-	$(EDITION) --strict
+	$(ZH_BUILD) --strict
 	@echo "The book is at file://$(CURDIR)/$(HTML) (中文版: file://$(CURDIR)/_build/html/zh/index.html)"
 
 ## book-fresh: the same from an empty _build: every notebook executed again (after a change inside gradstab)
@@ -67,19 +68,20 @@ profile-%: setup
 strict-book: setup
 	rm -rf _build
 	$(JB) build . --warningiserror --nitpick --keep-going
-	$(EDITION) --strict
+	$(ZH_BUILD) --strict
 
 ## translations: every message of the English pages translated in locales/zh_CN, none fuzzy, markup kept
+## (extracting the messages reads the executed notebooks: run it after `make book`)
 translations: setup
-	$(EDITION) --builder gettext
-	$(PY) book/_ext/catalogs.py
+	$(ZH_BUILD) --builder gettext
+	$(PY) book/_ext/check_catalogs.py
 
 ## catalogs: after an English change, bring locales/zh_CN up to date (new entries empty, changed ones fuzzy);
 ## then translate them and run `make translations` (README.md, "Translating the book")
 catalogs: setup
-	$(EDITION) --builder gettext
+	$(ZH_BUILD) --builder gettext
 	$(VENV)/bin/sphinx-intl update -p _build/gettext -l zh_CN -d locales --no-obsolete
-	-$(PY) book/_ext/catalogs.py
+	-$(PY) book/_ext/check_catalogs.py
 
 browser: setup
 	$(VENV)/bin/pytest -q tests/browser

@@ -340,6 +340,9 @@ def test_static_explorer_carries_both_languages_or_one(runs):
     before_script = html.split("<script")[0]
     assert ">深度<" in before_script and ">学习率<" in before_script and "无补救" in before_script
     assert "learning rate" not in before_script, "a Chinese-only explorer shows no English label without JavaScript"
+    only_zh = explore.static_explorer(runs, notice={"en": "", "zh_CN": "看深度 8"})
+    html = only_zh._repr_html_()
+    assert "看深度 8" in html and 'style="display:none;' in html, "a notice in one language only is kept, hidden"
     with pytest.raises(ValueError, match="missing \\['zh_CN'\\]"):
         explore.static_explorer(runs, title={"en": "grid only in English"})
     with pytest.raises(ValueError, match="language"):

@@ -15,7 +15,7 @@ from docutils.utils import new_document
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "book" / "_ext"))
 
-import catalogs  # noqa: E402
+import check_catalogs as catalogs  # noqa: E402
 import gradstab_i18n  # noqa: E402
 
 
@@ -76,23 +76,29 @@ def test_check_names_the_file_and_counts(tmp_path, monkeypatch):
         catalogs.check("zh_CN", tmp_path / "locales")
 
 
-def _document_with_output(text: str, *, docstring: bool = False) -> nodes.document:
+def _document(text: str, source: str, *, output: bool) -> nodes.document:
     document = new_document("page", get_default_settings(Parser))
-    output = nodes.container(nb_element="cell_code_output")
     paragraph = nodes.paragraph(text, text)
-    paragraph.source = "src/gradstab/x.py:docstring of gradstab.x" if docstring else "book/page.ipynb"
-    output += paragraph
-    document += output
+    paragraph.source = source
+    if output:
+        container = nodes.container(nb_element="cell_code_output")
+        container += paragraph
+        document += container
+    else:
+        document += paragraph
     return document
 
 
-@pytest.mark.parametrize(("text", "docstring", "message"), [
-    ("final accuracy 0.93", False, False),   # a measured number printed by the notebook
-    ("final accuracy", False, True),         # a table header printed by the notebook: the same on every CPU
-    ("Which device to compute on.", True, False),  # the API reference's docstrings stay English
+@pytest.mark.parametrize(("text", "source", "output", "message"), [
+    ("final accuracy 0.93", "book/page.ipynb", True, False),  # a measured number printed by the notebook
+    ("x x ✓ x x", "book/page.ipynb", True, False),            # per-seed marks: no word to translate
+    ("final accuracy", "book/page.ipynb", True, True),        # a table header printed by the notebook
+    ("It trains 5 seeds.", "book/page.ipynb", False, True),   # prose with a number is a message
+    ("Which device to compute on.", "src/gradstab/device.py:docstring of gradstab.device", False, False),
+    ("Chance accuracy.", "docstring of gradstab.explore.CHANCE_ACCURACY", False, False),  # a constant's doc
 ])
-def test_what_is_a_message(text, docstring, message):
-    document = _document_with_output(text, docstring=docstring)
+def test_what_is_a_message(text, source, output, message):
+    document = _document(text, source, output=output)
     transform = gradstab_i18n.MachineTextIsNotAMessage(document)
     transform.apply()
     paragraph = next(document.findall(nodes.paragraph))

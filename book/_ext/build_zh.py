@@ -10,14 +10,16 @@ has not changed is not executed again. Each keeps its own doctrees, so the Engli
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
+from gradstab_i18n import EDITIONS
 from jupyter_book.sphinx import build_sphinx
 
 ROOT = Path(__file__).resolve().parents[2]
 TARGETS = {  # builder -> (language, output folder, doctrees folder)
-    "html": ("zh_CN", ROOT / "_build/html/zh", ROOT / "_build/.doctrees-zh"),
+    "html": ("zh_CN", ROOT / "_build/html" / EDITIONS["zh_CN"][0], ROOT / "_build/.doctrees-zh"),
     "gettext": ("en", ROOT / "_build/gettext", ROOT / "_build/.doctrees-gettext"),
 }
 
@@ -27,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--builder", choices=sorted(TARGETS), default="html")
     parser.add_argument("--strict", action="store_true", help="warnings are errors, nitpicky references")
     args = parser.parse_args(argv)
+    os.chdir(ROOT)  # _config.yml's paths (the jupyter-cache in _build/.jupyter_cache) are relative to the root
     language, outdir, doctrees = TARGETS[args.builder]
     # what `jupyter-book build .` passes for a whole book, plus the language
     overrides = {"language": language, "external_toc_path": (ROOT / "_toc.yml").as_posix(),

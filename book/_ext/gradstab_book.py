@@ -23,7 +23,7 @@ from pathlib import Path
 import nbformat
 import tomllib
 from docutils import nodes
-from gradstab_i18n import edition, to_english_root
+from gradstab_i18n import edition, root_of_english
 from pybtex.plugin import register_plugin
 from pybtex.style.formatting.unsrt import Style as UnsrtStyle
 from pybtex.style.labels import BaseLabelStyle
@@ -97,7 +97,8 @@ def _serve_executed_notebooks(app, exception) -> None:
     cache = _jupyter_cache(app)
     for served in sources.rglob("*.ipynb"):
         notebook = nbformat.read(served, as_version=4)
-        executed = _executed(cache, notebook, Path(app.outdir).parent / "jupyter_execute" / served.relative_to(sources))
+        run = Path(app.env.mystnb_config.output_folder, served.relative_to(sources))
+        executed = _executed(cache, notebook, run)
         if executed is None:
             logger.warning(f"no executed copy of {served.relative_to(sources)}: its download has no outputs")
         else:
@@ -166,10 +167,19 @@ def _build_downloads(app, exception) -> None:
             raise RuntimeError(f"building the gradstab wheel failed:\n{built.stdout}{built.stderr}")
     sources = _sources_of_repo()
     archive = target / f"{SOURCES}.tar.gz"
-    if sources and _stale(archive, [REPO / name for name in sources]):
+    if sources and (_stale(archive, [REPO / name for name in sources]) or _packed(archive) != set(sources)):
         with tarfile.open(archive, "w:gz") as tar:
             for name in sources:
                 tar.add(REPO / name, arcname=f"{SOURCES}/{name}", recursive=False)
+
+
+def _packed(archive: Path) -> set[str]:
+    """The repository paths in a sources tarball (empty if there is none): a file newly tracked by git may be
+    older than the tarball, so comparing times alone would leave it out."""
+    if not archive.is_file():
+        return set()
+    with tarfile.open(archive) as tar:
+        return {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
 
 
 def _stale(product: Path, inputs: list[Path]) -> bool:
@@ -196,9 +206,10 @@ class DownloadDirective(SphinxDirective):
             command = f"tar xzf {name} && cd {SOURCES}\nmake lab"
         else:
             raise self.error(f"gradstab-download takes 'wheel' or 'sources', got {kind!r}")
-        uri = "../" * self.env.docname.count("/") + to_english_root(self.config.language) + f"{WHEEL_DIR}/{name}"
+        uri = root_of_english(self.env.docname, self.config.language) + f"{WHEEL_DIR}/{name}"
         label = DOWNLOAD_LABEL[edition(self.config.language)]
         link = nodes.paragraph("", label, nodes.reference(name, name, refuri=uri, classes=[f"gradstab-{kind}"]))
+        link["translatable"] = False  # the label is chosen by language above; the file name holds the version
         return [link, nodes.literal_block(command, command, language="bash")]
 
 

@@ -5,7 +5,9 @@
   every machine:
 
   - text printed by a notebook that contains a digit (a measured number: it differs between CPUs, seeds and
-    releases, and a catalog entry keyed on it would go stale with every run);
+    releases, and a catalog entry keyed on it would go stale with every run), or no word at all (a row of
+    per-seed marks such as "x x ✓ x x"). Words that notebooks print (table headers, row labels) are messages:
+    the catalogs hold those seen in a native build on the reference machine, which ``make test`` runs;
   - the API reference generated from gradstab's docstrings (the code's own documentation, in English).
 
 * A language switch in the header bar of every page leads to the same page in the other edition: the English book
@@ -31,6 +33,8 @@ from sphinx.util.i18n import docname_to_domain
 # language code -> (folder of the edition under _build/html, the switch's label in that language)
 EDITIONS = {"en": ("", "English"), "zh_CN": ("zh/", "中文")}
 DIGIT = re.compile(r"\d")
+WORD = re.compile(r"[^\W\d_]{2,}")  # two letters (Latin or Chinese) in a row
+DOCSTRING = re.compile(r"(^|:)docstring of ")  # autodoc's source of a docstring ("x.py:docstring of m.f")
 # Interface text that comes from settings, not from the pages: the toggles of code cells whose source is
 # hidden (myst-nb's settings; "{type}" would be the English "source" or "outputs")
 SETTINGS = {"zh_CN": {"nb_code_prompt_show": "显示代码", "nb_code_prompt_hide": "隐藏代码"}}
@@ -45,6 +49,11 @@ def edition(language: str | None) -> str:
     if code not in EDITIONS:
         raise ValueError(f"language must be one of {sorted(EDITIONS)}, got {language!r}")
     return code
+
+
+def root_of_english(pagename: str, language: str | None) -> str:
+    """The relative path from page ``pagename`` of ``language``'s edition to the English edition's root."""
+    return "../" * pagename.count("/") + to_english_root(language)
 
 
 def to_english_root(language: str | None) -> str:
@@ -62,12 +71,18 @@ def _inside(node: nodes.Node, test) -> bool:
     return False
 
 
+def _fixed_text(text: str) -> bool:
+    """Whether text printed by a notebook is a message: words (a table's header, a row's label) without a
+    digit. A measured number, or a row of symbols such as "x x ✓ x x", is not."""
+    return not DIGIT.search(text) and bool(WORD.search(text))
+
+
 def _is_output(node: nodes.Node) -> bool:
     return isinstance(node, nodes.container) and node.get("nb_element") == "cell_code_output"
 
 
 class MachineTextIsNotAMessage(SphinxTransform):
-    """Mark measured numbers printed by notebooks, and the API reference, as not translatable.
+    """Mark what notebooks print other than fixed words, and the API reference, as not translatable.
 
     Runs before Sphinx's ``Locale`` transform (priority 20), so neither the gettext builder nor the
     translated build sees them as messages.
@@ -77,7 +92,7 @@ class MachineTextIsNotAMessage(SphinxTransform):
 
     def apply(self, **kwargs) -> None:
         for node in self.document.findall(nodes.TextElement):
-            if ":docstring of " in (node.source or "") or (DIGIT.search(node.astext()) and _inside(node, _is_output)):
+            if DOCSTRING.search(node.source or "") or (_inside(node, _is_output) and not _fixed_text(node.astext())):
                 node["translatable"] = False
 
 
@@ -104,14 +119,23 @@ class TranslateTocCaptions(SphinxTransform):
                 tree["caption"] = catalog.gettext(tree["caption"])
 
 
+def _own_output_folder(app) -> None:
+    """myst-nb writes the notebooks' images to ``<output folder>/../jupyter_execute``: for the Chinese edition
+    in ``_build/html/zh`` that is inside the English site. Each other edition gets its own folder in ``_build``.
+    (Runs after myst-nb's own ``builder-inited`` handler, which sets the folder.)"""
+    if edition(app.config.language) != "en":
+        folder = Path(app.doctreedir).parent / f"jupyter_execute-{app.config.language}"
+        app.env.mystnb_config = app.env.mystnb_config.copy(output_folder=str(folder))
+
+
 def _translated_settings(app, config) -> None:
     for name, value in SETTINGS.get(edition(config.language), {}).items():
         setattr(config, name, value)
 
 
 def _translated_title(app, config) -> None:
-    """The edition's title (sidebar, window title) is the book title's translation in its catalogs (the
-    root page's heading)."""
+    """The edition's title (sidebar, window title): the first catalog that translates the English title (the
+    root page's heading translates it)."""
     if edition(config.language) == "en" or not config.html_title:
         return
     from babel.messages.pofile import read_po
@@ -129,12 +153,12 @@ CJK_WORD = re.compile(r"[\u4e00-\u9fff]{2,}")
 
 
 def glossary_terms(glossary: Path = GLOSSARY) -> list[str]:
-    """The Chinese terms of the glossary's tables (the 中文 column; parenthesized qualifiers left out)."""
+    """The Chinese terms of the glossary's tables (the 中文 column), without qualifiers such as （损失曲面的）."""
     terms = set()
     for line in glossary.read_text(encoding="utf-8").splitlines():
         cells = line.split("|")
         if len(cells) > 3 and line.startswith("| ") and not line.startswith("| English"):
-            chinese = re.sub(r"（[^）]*）|\([^)]*\)|\$[^$]*\$", " ", cells[2])
+            chinese = re.sub(r"（[^）]*的）|\$[^$]*\$", " ", cells[2])
             terms.update(CJK_WORD.findall(chinese))
     return sorted(terms)
 
@@ -152,7 +176,7 @@ def _search_dictionary(app, config) -> None:
 def _language_switch(app, pagename, templatename, context, doctree) -> None:
     """The links of the language switch (``templates/gradstab-lang.html``, in the article's header bar)."""
     here = edition(app.config.language)
-    up = "../" * pagename.count("/") + to_english_root(here)
+    up = root_of_english(pagename, here)
     context["gradstab_lang"] = [
         dict(code=code.replace("_", "-"), label=label, href=None if code == here else f"{up}{folder}{pagename}.html")
         for code, (folder, label) in EDITIONS.items()]
@@ -172,6 +196,7 @@ def setup(app):
     app.add_transform(TranslateTocCaptions)
     app.connect("config-inited", _translated_title)
     app.connect("config-inited", _translated_settings)
+    app.connect("builder-inited", _own_output_folder, priority=600)
     app.connect("html-page-context", _language_switch)
     app.connect("config-inited", _search_dictionary)
     app.connect("config-inited", _switch_in_header)

@@ -228,14 +228,14 @@ def state(history: History) -> str:
     return "stalled" if not math.isfinite(loss) or loss > STALL_LOSS else "learned"
 
 
-def language_of(language: str) -> dict:
+def texts(language: str) -> dict:
     """The ``TEXT`` entry of one of ``LANGUAGES``; raises ValueError for another."""
     return TEXT[one_of("language", language, LANGUAGES)]
 
 
 def variant_label(variant: str, language: str = "en") -> str:
     """A variant's name as the explorer shows it: ``"batchnorm+clip"`` -> ``"批量归一化+裁剪"`` in Chinese."""
-    names = language_of(language)["variants"]
+    names = texts(language)["variants"]
     return "+".join(names.get(part, part) for part in variant.split("+"))
 
 
@@ -260,7 +260,7 @@ def _layer(history: History, text: dict) -> str:
 def outcome(history: History, language: str = "en") -> str:
     """The status line's verdict: ``"✗ diverged at step 36 (...; layer 3)"``, ``"– stalled: ..."`` or
     ``"✓ learned: ..."`` (in Chinese with ``language="zh_CN"``). An accuracy is shown only when it was measured."""
-    text = language_of(language)
+    text = texts(language)
     kind = state(history)
     if kind == "diverged":
         return text["diverged"].format(step=history.diverged_step, reason=_reason(history.reason, text),
@@ -282,7 +282,7 @@ def status_line(history: History, language: str = "en") -> str:
     """``"depth 8, learning rate 0.1, plain: "`` followed by :func:`outcome`; both explorers show this line."""
     cfg = history.config
     variant = cfg.get("variant") or _key(history)[2]
-    return language_of(language)["setting"].format(
+    return texts(language)["setting"].format(
         depth=cfg.get("depth"), lr=_lr_text(float(cfg.get("lr", math.nan))),
         variant=variant_label(variant, language)) + outcome(history, language)
 
@@ -338,7 +338,7 @@ def grid_payload(histories: Sequence[History], max_points: int = 200, languages:
     """The content of a static explorer: for every setting its state, SVG figure (drawn by :func:`svg_figure`
     on axes shared by the whole grid) and status line in each of ``languages`` (``{"en": line, ...}``)."""
     for language in languages:
-        language_of(language)
+        texts(language)
     if not histories:
         raise ValueError("histories must be a non-empty list of gs.History (e.g. from gs.explore.grid)")
     keyed = {}
@@ -366,6 +366,10 @@ def grid_payload(histories: Sequence[History], max_points: int = 200, languages:
 def _script_safe(text: str) -> str:
     """JSON text that cannot end or confuse the ``<script>`` element holding it."""
     return text.replace("</", "<\\/").replace("<!--", "\\u003c!--").replace("<script", "\\u003cscript")
+
+
+# the TEXT entries the page's script needs
+_PAGE_TEXT = ("notice_label", "depth", "lr", "lr_axis", "remedy", "setting", "missing")
 
 
 class StaticExplorer:
@@ -399,9 +403,10 @@ class StaticExplorer:
             for k, v in enumerate(t["variant_labels"]))
         dval, lval = (len(p["depths"]) - 1) // 2, (len(p["lrs"]) - 1) // 2
         first = p["runs"].get(f"{dval}_{lval}_0", {"svg": "", "status": {}, "state": "learned"})
-        notice = (f'<div class="gsx-notice" style="margin-bottom:4px"><i class="gsx-t-notice">'
+        hidden = "" if t["notice"] else "display:none;"
+        notice = (f'<div class="gsx-notice" style="{hidden}margin-bottom:4px"><i class="gsx-t-notice">'
                   f'{escape(t["notice_label"])}</i> <span class="gsx-notice-text">{escape(t["notice"])}</span></div>'
-                  ) if t["notice"] else ""
+                  ) if any(p["text"][lang]["notice"] for lang in p["languages"]) else ""
         return _HTML.format(
             id=i, title=escape(t["title"]), notice=notice, json=self._json, radios=radios,
             js=_JS.replace("__ID__", i), dmax=len(p["depths"]) - 1, dval=dval, lmax=len(p["lrs"]) - 1, lval=lval,
@@ -414,10 +419,6 @@ class StaticExplorer:
     def size(self) -> int:
         """Bytes of the explorer's HTML (UTF-8): the weight it adds to its page."""
         return len(self._repr_html_().encode())
-
-
-# the TEXT entries the page's script needs
-_PAGE_TEXT = ("notice_label", "depth", "lr", "lr_axis", "remedy", "setting", "missing")
 
 
 def _by_language(name: str, value: str | Mapping[str, str], languages: Sequence[str]) -> dict[str, str]:
@@ -470,6 +471,7 @@ var L = D.languages.indexOf(page) >= 0 ? page : D.languages[0], T = D.text[L];
 function q(s) { return root.querySelector(s); }
 function say(s, text) { var e = q(s); if (e) e.textContent = text; }
 say(".gsx-title", T.title); say(".gsx-t-notice", T.notice_label); say(".gsx-notice-text", T.notice);
+if (q(".gsx-notice")) q(".gsx-notice").style.display = T.notice ? "" : "none";
 say(".gsx-t-depth", T.depth); say(".gsx-t-lr", T.lr); say(".gsx-t-remedy", T.remedy);
 q(".gsx-depth").setAttribute("aria-label", T.depth); q(".gsx-lr").setAttribute("aria-label", T.lr_axis);
 root.querySelectorAll(".gsx-t-variant").forEach(function (e, k) { e.textContent = T.variant_labels[k]; });
@@ -695,7 +697,7 @@ class LiveExplorer:
         import ipywidgets as w  # lazy: the package imports without a kernel
 
         self.language = language
-        text = language_of(language)
+        self.text = text = texts(language)
         lo, hi = (positive_int("depths[0]", depths[0]), positive_int("depths[1]", depths[1]))
         lr_lo, lr_hi = positive_float("lrs[0]", lrs[0]), positive_float("lrs[1]", lrs[1])
         if lo > hi or lr_lo >= lr_hi:
@@ -821,7 +823,7 @@ class LiveExplorer:
 
     def _show(self, history) -> None:
         if isinstance(history, str):
-            failed = TEXT[self.language]["failed"].format(error=history)
+            failed = self.text["failed"].format(error=history)
             self.status.value = f"<b style='color:#d62728'>{escape(failed)}</b>"
             return
         self.history = history

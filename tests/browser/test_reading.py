@@ -24,6 +24,14 @@ _OVERFLOW = """() => {
 }"""
 
 
+def test_printed_markdown_tables_render_as_tables(html_root, pages):
+    """A table a notebook prints with display(Markdown(...)) is an HTML table, not a paragraph of pipes
+    (myst-nb renders printed Markdown as CommonMark, which has no tables, unless told to use MyST)."""
+    raw = re.compile(r'<div class="cell_output[^"]*">\s*<p>\|[^<]*\n\|[-—:| ]+\|')
+    offenders = [rel for rel in pages if raw.search((html_root / rel).read_text(encoding="utf-8"))]
+    assert not offenders, f"pages with a printed table shown as raw Markdown: {offenders}"
+
+
 def test_output_fits_or_scrolls_in_its_own_box(pages, base_url, sized_page):
     page, width, problems = sized_page.page, sized_page.page.viewport_size["width"], []
     for rel in pages:

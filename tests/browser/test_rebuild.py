@@ -1,8 +1,8 @@
 """Fast rebuilds for authors: after a build, a second `jupyter-book build` with nothing changed executes no
-notebook and still serves every notebook with its outputs, and editing the code of one notebook invalidates
-only that notebook's cached execution (jupyter-cache). Runs on this repository's own `_build` (after
-`make book` or `make strict-book`). How long the second build takes is measured by `make bench`
-(bench/bench_rebuild.py), not asserted here."""
+notebook and still serves every notebook with its outputs, the Chinese edition is built from the same cache,
+and editing the code of one notebook invalidates only that notebook's cached execution (jupyter-cache).
+Runs on this repository's own `_build` (after `make book` or `make strict-book`). How long the second build
+takes is measured by `make bench` (bench/bench_rebuild.py), not asserted here."""
 from __future__ import annotations
 
 import copy
@@ -37,6 +37,16 @@ def test_second_build_executes_nothing_and_serves_outputs(cache):
     assert "Executed notebook" not in done.stdout + done.stderr, "an unchanged notebook was executed again"
     empty = served_without_outputs(REPO / "_build" / "html")
     assert not empty, f"after a rebuild from the cache these downloads have no outputs: {empty}"
+
+
+def test_chinese_edition_reuses_the_executed_notebooks(cache):
+    """The Chinese build (book/_ext/build_zh.py) takes every notebook's outputs from the English build's cache."""
+    command = [sys.executable, str(REPO / "book" / "_ext" / "build_zh.py")]
+    done = subprocess.run(command, cwd=REPO / "book", capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "Executed notebook" not in done.stdout + done.stderr, "the Chinese build executed a notebook again"
+    assert (REPO / "_build" / "html" / "zh" / "index.html").is_file()
+    assert not (REPO / "_build" / "html" / "jupyter_execute").exists(), "myst-nb's folder inside the English site"
 
 
 def test_editing_one_notebook_invalidates_only_its_cache(cache):

@@ -1,6 +1,6 @@
 """Check the translation catalogs (``locales/<language>/LC_MESSAGES/**/*.po``) against the English source.
 
-    python book/_ext/catalogs.py [--locale zh_CN] [--pot _build/gettext]
+    python book/_ext/check_catalogs.py [--locale zh_CN] [--pot _build/gettext]
 
 Fails (exit status 1), naming each file and its counts, when
 
@@ -80,10 +80,9 @@ def problems_of(catalog, template) -> dict[str, list[str]]:
         elif entry.string != message.id and not one_paragraph(entry.string):
             found["markup"].append(f"{message.id[:60]!r}: the translation is not one Markdown paragraph "
                                    f"({entry.string[:30]!r}...; a leading '1. ', '- ' or '#' needs a backslash)")
-        elif kept(message.id) != kept(entry.string):
-            lost = kept(message.id) - kept(entry.string)
-            added = kept(entry.string) - kept(message.id)
-            found["markup"].append(f"{message.id[:60]!r}: lost {sorted(lost)}, added {sorted(added)}")
+        elif (source := kept(message.id)) != (translation := kept(entry.string)):
+            found["markup"].append(f"{message.id[:60]!r}: lost {sorted(source - translation)}, "
+                                   f"added {sorted(translation - source)}")
     return found
 
 
