@@ -78,7 +78,8 @@ def test_check_names_the_file_and_counts(tmp_path, monkeypatch):
 
 def _document(text: str, source: str, *, output: bool) -> nodes.document:
     document = new_document("page", get_default_settings(Parser))
-    paragraph = nodes.paragraph(text, text)
+    code = text.startswith("`") and text.endswith("`")
+    paragraph = nodes.paragraph(text, "", nodes.literal(text, text.strip("`")) if code else nodes.Text(text))
     paragraph.source = source
     if output:
         container = nodes.container(nb_element="cell_code_output")
@@ -92,6 +93,8 @@ def _document(text: str, source: str, *, output: bool) -> nodes.document:
 @pytest.mark.parametrize(("text", "source", "output", "message"), [
     ("final accuracy 0.93", "book/page.ipynb", True, False),  # a measured number printed by the notebook
     ("x x ✓ x x", "book/page.ipynb", True, False),            # per-seed marks: no word to translate
+    ("`test_translations.py`", "book/page.ipynb", True, False),  # a file name the notebook lists: code
+    ("`torch` and friends", "book/page.ipynb", True, True),   # words beside the code
     ("final accuracy", "book/page.ipynb", True, True),        # a table header printed by the notebook
     ("It trains 5 seeds.", "book/page.ipynb", False, True),   # prose with a number is a message
     ("Which device to compute on.", "src/gradstab/device.py:docstring of gradstab.device", False, False),

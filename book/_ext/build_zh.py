@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.strict:
         overrides["nitpicky"] = True
     result = build_sphinx(ROOT, outdir, noconfig=True, path_config=ROOT / "_config.yml", confoverrides=overrides,
-                          doctreedir=doctrees, builder=args.builder, warningiserror=args.strict, keep_going=True)
+                          doctreedir=doctrees, builder=args.builder, warningiserror=args.strict, keep_going=True,
+                          freshenv=args.builder == "gettext")  # extraction always reads every page (seconds)
     if isinstance(result, Exception):
         raise result
     if result == 0 and args.builder == "html":

@@ -5,9 +5,10 @@
   every machine:
 
   - text printed by a notebook that contains a digit (a measured number: it differs between CPUs, seeds and
-    releases, and a catalog entry keyed on it would go stale with every run), or no word at all (a row of
-    per-seed marks such as "x x ✓ x x"). Words that notebooks print (table headers, row labels) are messages:
-    the catalogs hold those seen in a native build on the reference machine, which ``make test`` runs;
+    releases, and a catalog entry keyed on it would go stale with every run), or no word outside inline code
+    (per-seed marks such as "x x ✓ x x", a listed file name). Words that notebooks print (table headers, row
+    labels) are messages: the catalogs hold those seen in a native build on the reference machine, which
+    ``make test`` runs;
   - the API reference generated from gradstab's docstrings (the code's own documentation, in English).
 
 * A language switch in the header bar of every page leads to the same page in the other edition: the English book
@@ -71,10 +72,20 @@ def _inside(node: nodes.Node, test) -> bool:
     return False
 
 
-def _fixed_text(text: str) -> bool:
+def _prose(node: nodes.Node) -> str:
+    """The text of ``node`` outside inline code and math."""
+    if isinstance(node, (nodes.literal, nodes.math)):
+        return ""
+    if isinstance(node, nodes.Text):
+        return str(node)
+    return "".join(_prose(child) for child in node.children)
+
+
+def _fixed_text(node: nodes.Node) -> bool:
     """Whether text printed by a notebook is a message: words (a table's header, a row's label) without a
-    digit. A measured number, or a row of symbols such as "x x ✓ x x", is not."""
-    return not DIGIT.search(text) and bool(WORD.search(text))
+    digit. A measured number, a row of symbols such as "x x ✓ x x", or only code (a file or package name
+    that the notebook lists) is not."""
+    return not DIGIT.search(node.astext()) and bool(WORD.search(_prose(node)))
 
 
 def _is_output(node: nodes.Node) -> bool:
@@ -92,7 +103,7 @@ class MachineTextIsNotAMessage(SphinxTransform):
 
     def apply(self, **kwargs) -> None:
         for node in self.document.findall(nodes.TextElement):
-            if DOCSTRING.search(node.source or "") or (_inside(node, _is_output) and not _fixed_text(node.astext())):
+            if DOCSTRING.search(node.source or "") or (_inside(node, _is_output) and not _fixed_text(node)):
                 node["translatable"] = False
 
 
